@@ -1,0 +1,766 @@
+"""scikit-learn estimators: DIM pretraining + Site-Net fine-tuning, and the frozen embedder.
+
+Every hyperparameter is an ``__init__`` keyword stored verbatim. Nested knobs use the
+``group__name`` convention (``encoder__heads``, ``dim__weight_kl``, ``optimizer__lr``,
+``pretrain__epochs``, ``finetune__lr``, ``featurizer__max_supercell_sites``) so that
+``set_params``, ``clone``, ``GridSearchCV`` and Optuna reach each one directly. Torch objects
+are built in ``fit`` from these parameters; fitted attributes end in ``_``.
+
+Saving writes a folder with ``config.json`` (parameters, fitted scalars, a format version)
+and ``weights.pt`` (a torch ``state_dict``, loaded with ``weights_only=True``): no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from matbench_dim.callbacks import Callback, EarlyStopping
+from matbench_dim.featurize import CrystalRecord, FeaturizerConfig, featurize
+from matbench_dim.model.dim import DIMConfig
+from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
+from matbench_dim.runtime import configure_threads, resolve_device, seed_everything
+from matbench_dim.training import (
+    FinetuneConfig,
+    OptimizerConfig,
+    PretrainConfig,
+    PretrainResult,
+    embed,
+    finetune,
+    predict,
+    pretrain_dim,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the saved-model folder layout; bump on incompatible changes."""
+
+GROUPS: dict[str, type] = {
+    "featurizer": FeaturizerConfig,
+    "encoder": EncoderConfig,
+    "dim": DIMConfig,
+    "optimizer": OptimizerConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+}
+"""Parameter groups: ``<group>__<field>`` keywords map onto these config dataclasses."""
+
+
+class IncompatibleModelError(ValueError):
+    """A saved model folder that this version of matbench-dim cannot read."""
+
+
+def as_structures(X: Any, name: str = "X") -> list[Any]:
+    """Validate ``X`` as a sequence of pymatgen Structures (list, tuple, Series, array)."""
+    from pymatgen.core import Structure
+
+    if isinstance(X, pd.DataFrame):
+        if "structure" not in X.columns:
+            raise TypeError(f"{name} is a DataFrame without a 'structure' column")
+        X = X["structure"]
+    if isinstance(X, (str, bytes)) or not hasattr(X, "__len__"):
+        raise TypeError(f"{name} must be a sequence of pymatgen Structures, got {type(X).__name__}")
+    items = list(X.values) if isinstance(X, pd.Series) else list(X)
+    if not items:
+        raise ValueError(f"{name} is empty: at least one structure is needed")
+    for i, s in enumerate(items):
+        if not isinstance(s, Structure):
+            raise TypeError(f"{name}[{i}] is a {type(s).__name__}, not a pymatgen Structure")
+    return items
+
+
+def _ids_of(X: Any, n: int) -> list[str]:
+    if isinstance(X, pd.Series | pd.DataFrame):
+        return [str(i) for i in X.index]
+    return [str(i) for i in range(n)]
+
+
+def as_targets(y: Any, n: int) -> np.ndarray:
+    """Validate ``y``: ``n`` finite numbers -> float64 array (clear errors otherwise)."""
+    ids = [str(i) for i in y.index] if isinstance(y, pd.Series) else None
+    try:
+        arr = np.asarray(y, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"y must be numeric: {exc}") from exc
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"y must be one-dimensional, got shape {arr.shape}")
+    if len(arr) != n:
+        raise ValueError(f"X has {n} structures but y has {len(arr)} targets")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if len(bad):
+        where = [ids[i] for i in bad[:10]] if ids else bad[:10].tolist()
+        raise ValueError(f"y has {len(bad)} non-finite targets (NaN/inf), e.g. at {where}")
+    return arr
+
+
+class _DIMParamsMixin:
+    """Shared machinery: group configs from flat params, featurization, encoder reuse."""
+
+    def _group(self, group: str) -> Any:
+        cls = GROUPS[group]
+        kwargs = {
+            f.name: getattr(self, f"{group}__{f.name}")
+            for f in fields(cls)
+            if hasattr(self, f"{group}__{f.name}")
+        }
+        if group == "featurizer":
+            kwargs["coulomb"] = self.encoder__coulomb
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a featurizer config without a field we pass
+            raise ValueError(f"invalid {group} parameters: {exc}") from exc
+
+    def set_params(self, **params: Any) -> Any:
+        """Set parameters by their full names (``encoder__heads=3``); returns ``self``."""
+        valid = self.get_params(deep=False)
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(
+                    f"Invalid parameter {key!r} for {type(self).__name__}; "
+                    f"valid parameters are: {sorted(valid)}"
+                )
+            setattr(self, key, value)
+        return self
+
+    def _featurize(self, X: list[Any], ids: list[str]) -> list[CrystalRecord]:
+        return featurize(
+            X,
+            self._group("featurizer"),
+            ids=ids,
+            cache_dir=self.cache_dir,
+            n_jobs=self.n_jobs,
+            progress=bool(self.verbose),
+        )
+
+    def _setup(self) -> torch.device:
+        configure_threads(None)
+        seed_everything(int(self.random_state))
+        return resolve_device(self.device)
+
+    def _callbacks(self) -> list[Callback]:
+        cbs = self.callbacks
+        if cbs is None:
+            return []
+        if isinstance(cbs, Callback):
+            return [cbs]
+        return list(cbs)
+
+    def _run_pretraining(
+        self, records: list[CrystalRecord], device: torch.device, probe_targets: np.ndarray | None
+    ) -> PretrainResult:
+        result = pretrain_dim(
+            records,
+            encoder_cfg=self._group("encoder"),
+            dim_cfg=self._group("dim"),
+            optimizer_cfg=self._group("optimizer"),
+            cfg=self._group("pretrain"),
+            seed=int(self.random_state),
+            device=device,
+            callbacks=self._callbacks(),
+            probe_targets=probe_targets,
+            checkpoint_path=self.pretrain__checkpoint,
+            progress=bool(self.verbose),
+        )
+        logger.info(
+            "DIM pretraining: %d crystals (%d validation), best epoch %d of %d, %.1f s",
+            result.n_train,
+            result.n_val,
+            result.best_epoch,
+            len(result.history),
+            result.wall_s,
+        )
+        return result
+
+    def _initial_encoder(self) -> tuple[SiteNetEncoder, bool]:
+        """A fresh encoder, or the one in ``encoder_init`` (path or PretrainedEncoder)."""
+        cfg = self._group("encoder")
+        if self.encoder_init is None:
+            torch.manual_seed(int(self.random_state))
+            return SiteNetEncoder(cfg), False
+        enc = self.encoder_init
+        if not isinstance(enc, PretrainedEncoder):
+            enc = PretrainedEncoder.load(enc)
+        if enc.config != cfg:
+            raise ValueError(
+                "encoder_init was pretrained with a different encoder configuration: "
+                f"{enc.config} vs this estimator's {cfg}"
+            )
+        return enc.build(), True
+
+
+class PretrainedEncoder:
+    """A DIM-pretrained encoder that several fine-tunes can start from.
+
+    Saved as a folder: ``config.json`` (encoder configuration, provenance, format version) and
+    ``encoder.pt`` (state dict).
+    """
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        state_dict: dict[str, torch.Tensor],
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dict = state_dict
+        self.info = info or {}
+
+    @classmethod
+    def from_module(
+        cls, encoder: SiteNetEncoder, info: dict[str, Any] | None = None
+    ) -> PretrainedEncoder:
+        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        return cls(encoder.cfg, state, info)
+
+    def build(self) -> SiteNetEncoder:
+        """A new :class:`SiteNetEncoder` carrying these weights."""
+        enc = SiteNetEncoder(self.config)
+        enc.load_state_dict(self.state_dict)
+        return enc
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the folder; returns its path."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict, path / "encoder.pt")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "matbench_dim.PretrainedEncoder",
+            "encoder": self.config.to_dict(),
+            "info": self.info,
+        }
+        (path / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PretrainedEncoder:
+        """Read a folder written by :meth:`save` (or by ``SiteNetDIMRegressor.save_encoder``)."""
+        path = Path(path)
+        meta = _read_meta(path, "matbench_dim.PretrainedEncoder")
+        state = torch.load(path / "encoder.pt", map_location="cpu", weights_only=True)
+        return cls(EncoderConfig(**meta["encoder"]), state, meta.get("info", {}))
+
+
+def _read_meta(path: Path, kind: str) -> dict[str, Any]:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{path} is not a saved matbench-dim model: {cfg} is missing")
+    meta = json.loads(cfg.read_text())
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncompatibleModelError(
+            f"{path} was saved in format version {version}; this matbench-dim reads version "
+            f"{FORMAT_VERSION}. Re-save it with the matbench-dim version that wrote it, or retrain."
+        )
+    if meta.get("kind") != kind:
+        raise IncompatibleModelError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
+    return meta
+
+
+class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
+    """Site-Net regressor with optional Deep InfoMax pretraining on unlabelled structures.
+
+    ``fit(X, y, X_unlabeled=...)`` first pretrains the encoder with DIM on the structures of
+    ``X`` and ``X_unlabeled`` (labels unused), then fine-tunes encoder + head on ``(X, y)``.
+    Without ``X_unlabeled`` and ``encoder_init`` the network starts from random weights (the
+    random-init baseline). ``encoder_init`` reuses an encoder pretrained once (by
+    :meth:`pretrain` / :meth:`save_encoder`) for many fine-tunes.
+
+    Parameters
+    ----------
+    mode
+        ``"transfer"``: fine-tune the whole network; ``"representation"``: freeze the
+        encoder and train only the head.
+    encoder_init
+        ``None``, a folder written by :meth:`save_encoder`, or a :class:`PretrainedEncoder`.
+    random_state
+        Seed of weights, splits, batch order and DIM samples (same seed -> same predictions
+        on CPU).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    callbacks
+        :class:`~matbench_dim.callbacks.Callback` objects (tracking, pruning, checkpoints).
+    cache_dir
+        Folder of the featurization cache (``None``: no cache).
+    n_jobs
+        Featurization processes.
+    verbose
+        0: quiet; 1: progress bars.
+    featurizer__*, encoder__*, dim__*, optimizer__*, pretrain__*, finetune__*
+        Fields of :class:`~matbench_dim.featurize.FeaturizerConfig`,
+        :class:`~matbench_dim.model.sitenet.EncoderConfig`,
+        :class:`~matbench_dim.model.dim.DIMConfig`,
+        :class:`~matbench_dim.training.OptimizerConfig`,
+        :class:`~matbench_dim.training.PretrainConfig` and
+        :class:`~matbench_dim.training.FinetuneConfig` (their docstrings give meaning and
+        units). ``pretrain__checkpoint`` is a file to checkpoint/resume pretraining.
+
+    Attributes
+    ----------
+    model_
+        The fitted :class:`SiteNetRegressorNet`.
+    pretrained_
+        True when the encoder started from DIM weights.
+    history_
+        ``{"pretrain": [...], "finetune": [...]}``: per-epoch logs.
+    target_mean_, target_std_
+        Target standardisation.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "transfer",
+        encoder_init: Any = None,
+        random_state: int = 0,
+        device: str = "auto",
+        callbacks: Any = None,
+        cache_dir: str | None = None,
+        n_jobs: int = 1,
+        verbose: int = 0,
+        featurizer__max_supercell_sites: int = 50,
+        featurizer__primitive: bool = True,
+        encoder__site_dim: int = 64,
+        encoder__pair_dim: int = 64,
+        encoder__heads: int = 1,
+        encoder__blocks: int = 1,
+        encoder__attention_hidden: int = 64,
+        encoder__local_dim: int = 32,
+        encoder__global_hidden: int = 128,
+        encoder__global_dim: int = 64,
+        encoder__distance_expansion: int = 0,
+        encoder__distance_cutoff: float = 10.0,
+        encoder__coulomb: bool = False,
+        encoder__dropout: float = 0.0,
+        encoder__activation: str = "mish",
+        dim__estimator: str = "jsd",
+        dim__weight_local: float = 1.0,
+        dim__weight_global: float = 1.0,
+        dim__weight_kl: float = 0.1,
+        dim__weight_prior: float = 0.0,
+        dim__extra_false_samples: bool = True,
+        dim__critic_dim: int = 128,
+        dim__critic_hidden: int = 64,
+        optimizer__lr: float = 1e-4,
+        optimizer__weight_decay: float = 1e-4,
+        optimizer__eps: float = 1e-7,
+        optimizer__amsgrad: bool = True,
+        pretrain__epochs: int = 30,
+        pretrain__batch_sites: int = 1200,
+        pretrain__val_fraction: float = 0.05,
+        pretrain__patience: int = 10,
+        pretrain__grad_clip: float = 10.0,
+        pretrain__checkpoint: str | None = None,
+        finetune__epochs: int = 300,
+        finetune__batch_sites: int = 400,
+        finetune__val_fraction: float = 0.1,
+        finetune__patience: int = 50,
+        finetune__lr: float | None = 1e-3,
+        finetune__loss: str = "mse",
+        finetune__head_hidden: int = 64,
+        finetune__grad_clip: float = 10.0,
+    ) -> None:
+        self.mode = mode
+        self.encoder_init = encoder_init
+        self.random_state = random_state
+        self.device = device
+        self.callbacks = callbacks
+        self.cache_dir = cache_dir
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+        self.featurizer__max_supercell_sites = featurizer__max_supercell_sites
+        self.featurizer__primitive = featurizer__primitive
+        self.encoder__site_dim = encoder__site_dim
+        self.encoder__pair_dim = encoder__pair_dim
+        self.encoder__heads = encoder__heads
+        self.encoder__blocks = encoder__blocks
+        self.encoder__attention_hidden = encoder__attention_hidden
+        self.encoder__local_dim = encoder__local_dim
+        self.encoder__global_hidden = encoder__global_hidden
+        self.encoder__global_dim = encoder__global_dim
+        self.encoder__distance_expansion = encoder__distance_expansion
+        self.encoder__distance_cutoff = encoder__distance_cutoff
+        self.encoder__coulomb = encoder__coulomb
+        self.encoder__dropout = encoder__dropout
+        self.encoder__activation = encoder__activation
+        self.dim__estimator = dim__estimator
+        self.dim__weight_local = dim__weight_local
+        self.dim__weight_global = dim__weight_global
+        self.dim__weight_kl = dim__weight_kl
+        self.dim__weight_prior = dim__weight_prior
+        self.dim__extra_false_samples = dim__extra_false_samples
+        self.dim__critic_dim = dim__critic_dim
+        self.dim__critic_hidden = dim__critic_hidden
+        self.optimizer__lr = optimizer__lr
+        self.optimizer__weight_decay = optimizer__weight_decay
+        self.optimizer__eps = optimizer__eps
+        self.optimizer__amsgrad = optimizer__amsgrad
+        self.pretrain__epochs = pretrain__epochs
+        self.pretrain__batch_sites = pretrain__batch_sites
+        self.pretrain__val_fraction = pretrain__val_fraction
+        self.pretrain__patience = pretrain__patience
+        self.pretrain__grad_clip = pretrain__grad_clip
+        self.pretrain__checkpoint = pretrain__checkpoint
+        self.finetune__epochs = finetune__epochs
+        self.finetune__batch_sites = finetune__batch_sites
+        self.finetune__val_fraction = finetune__val_fraction
+        self.finetune__patience = finetune__patience
+        self.finetune__lr = finetune__lr
+        self.finetune__loss = finetune__loss
+        self.finetune__head_hidden = finetune__head_hidden
+        self.finetune__grad_clip = finetune__grad_clip
+
+    # ------------------------------------------------------------------ configs
+    def _finetune_cfg(self) -> FinetuneConfig:
+        if self.mode not in ("transfer", "representation"):
+            raise ValueError(f"mode must be 'transfer' or 'representation', got {self.mode!r}")
+        cfg = self._group("finetune")
+        if self.mode == "representation":
+            cfg = FinetuneConfig(**{**cfg.__dict__, "freeze_encoder": True})
+        return cfg
+
+    def _validate(self) -> None:
+        for group in GROUPS:
+            self._group(group)  # raises a ValueError naming the bad parameter
+        self._finetune_cfg()
+
+    # ------------------------------------------------------------------ API
+    def pretrain(self, X: Any, y_probe: Any = None) -> SiteNetDIMRegressor:
+        """DIM-pretrain the encoder on structures ``X`` (no labels); returns ``self``.
+
+        ``y_probe`` (optional, NaN allowed) only feeds the detached property probe that is
+        logged during pretraining; it never influences the encoder or model selection.
+        """
+        self._validate()
+        structures = as_structures(X)
+        device = self._setup()
+        records = self._featurize(structures, _ids_of(X, len(structures)))
+        probe = None if y_probe is None else np.asarray(y_probe, dtype=float)
+        result = self._run_pretraining(records, device, probe)
+        self.pretrained_encoder_ = PretrainedEncoder.from_module(
+            result.encoder,
+            {"n_pretrain": len(records), "best_epoch": result.best_epoch, "wall_s": result.wall_s},
+        )
+        self.pretrain_history_ = result.history
+        return self
+
+    def save_encoder(self, path: str | os.PathLike[str]) -> Path:
+        """Save the DIM-pretrained encoder (after :meth:`pretrain` or a pretraining fit)."""
+        if not hasattr(self, "pretrained_encoder_"):
+            raise NotFittedError(
+                "no pretrained encoder: call pretrain() or fit(..., X_unlabeled=...)"
+            )
+        return self.pretrained_encoder_.save(path)
+
+    def fit(self, X: Any, y: Any, X_unlabeled: Any = None) -> SiteNetDIMRegressor:
+        """Fit on labelled structures, after DIM pretraining when ``X_unlabeled`` is given.
+
+        Parameters
+        ----------
+        X
+            Sequence (or pandas Series) of pymatgen Structures with labels.
+        y
+            ``(n,)`` finite targets.
+        X_unlabeled
+            Structures whose labels are hidden (e.g. the rest of a matbench training fold);
+            DIM pretrains on ``X`` and these together (duplicates removed).
+        """
+        self._validate()
+        structures = as_structures(X)
+        targets = as_targets(y, len(structures))
+        device = self._setup()
+        records = self._featurize(structures, _ids_of(X, len(structures)))
+        history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
+        encoder: SiteNetEncoder | None = None
+        if X_unlabeled is not None:
+            if self.encoder_init is not None:
+                raise ValueError("give either encoder_init or X_unlabeled, not both")
+            extra = as_structures(X_unlabeled, "X_unlabeled")
+            extra_records = self._featurize(extra, _ids_of(X_unlabeled, len(extra)))
+            pool, probe = _union(records, targets, extra_records)
+            result = self._run_pretraining(pool, device, probe)
+            self.pretrained_encoder_ = PretrainedEncoder.from_module(
+                result.encoder, {"n_pretrain": len(pool), "best_epoch": result.best_epoch}
+            )
+            history["pretrain"] = result.history
+            encoder, pretrained = result.encoder, True
+        else:
+            encoder, pretrained = self._initial_encoder()
+        cfg = self._finetune_cfg()
+        self.target_mean_ = float(targets.mean())
+        self.target_std_ = float(targets.std()) or 1.0
+        torch.manual_seed(int(self.random_state) + 1)
+        net = SiteNetRegressorNet(encoder, cfg.head_hidden)
+        callbacks = self._callbacks()
+        if cfg.patience:
+            callbacks.append(EarlyStopping("val_loss", patience=cfg.patience, stage="finetune"))
+        ft_history, best_epoch = finetune(
+            net,
+            records,
+            (targets - self.target_mean_) / self.target_std_,
+            cfg=cfg,
+            optimizer_cfg=self._group("optimizer"),
+            target_scale=self.target_std_,
+            seed=int(self.random_state),
+            device=device,
+            callbacks=callbacks,
+            progress=bool(self.verbose),
+        )
+        history["finetune"] = ft_history
+        self.model_ = net
+        self.pretrained_ = pretrained
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.n_train_ = len(records)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets ``(n,)`` (float64, target units) for structures ``X``."""
+        check_is_fitted(self, "model_")
+        structures = as_structures(X)
+        device = self._setup()
+        records = self._featurize(structures, _ids_of(X, len(structures)))
+        scaled = predict(self.model_, records, self.pretrain__batch_sites, device)
+        return scaled * self.target_std_ + self.target_mean_
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Global vectors ``(n, global_dim)`` of the fitted encoder (no sampling)."""
+        check_is_fitted(self, "model_")
+        structures = as_structures(X)
+        device = self._setup()
+        records = self._featurize(structures, _ids_of(X, len(structures)))
+        return embed(self.model_.encoder, records, self.pretrain__batch_sites, device)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save the fitted estimator to a folder (``config.json`` + ``weights.pt``)."""
+        check_is_fitted(self, "model_")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model_.state_dict(), path / "weights.pt")
+        params = {
+            k: v
+            for k, v in self.get_params(deep=False).items()
+            if k not in ("callbacks", "encoder_init")
+        }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "matbench_dim.SiteNetDIMRegressor",
+            "params": params,
+            "fitted": {
+                "target_mean": self.target_mean_,
+                "target_std": self.target_std_,
+                "pretrained": self.pretrained_,
+                "best_epoch": self.best_epoch_,
+                "n_train": self.n_train_,
+            },
+            "history": self.history_,
+            "versions": library_versions(),
+        }
+        (path / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SiteNetDIMRegressor:
+        """Load a folder written by :meth:`save`."""
+        path = Path(path)
+        meta = _read_meta(path, "matbench_dim.SiteNetDIMRegressor")
+        est = cls(**meta["params"])
+        cfg = est._group("encoder")
+        net = SiteNetRegressorNet(SiteNetEncoder(cfg), est._finetune_cfg().head_hidden)
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+        net.eval()
+        fitted = meta["fitted"]
+        est.model_ = net
+        est.target_mean_ = float(fitted["target_mean"])
+        est.target_std_ = float(fitted["target_std"])
+        est.pretrained_ = bool(fitted["pretrained"])
+        est.best_epoch_ = int(fitted["best_epoch"])
+        est.n_train_ = int(fitted["n_train"])
+        est.history_ = meta.get("history", {})
+        return est
+
+
+def _union(
+    records: list[CrystalRecord], targets: np.ndarray, extra: list[CrystalRecord]
+) -> tuple[list[CrystalRecord], np.ndarray]:
+    """Labelled + unlabelled records without duplicates; probe labels NaN where unknown."""
+    from matbench_dim.training import records_fingerprint
+
+    seen: dict[str, int] = {}
+    pool: list[CrystalRecord] = []
+    probe: list[float] = []
+    for rec, t in [*zip(records, targets), *((r, np.nan) for r in extra)]:
+        key = records_fingerprint([rec])
+        if key in seen:
+            continue
+        seen[key] = len(pool)
+        pool.append(rec)
+        probe.append(float(t))
+    return pool, np.asarray(probe)
+
+
+class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
+    """Frozen DIM representation: structures -> global vectors ``(n, global_dim)``.
+
+    ``fit(X)`` DIM-pretrains on ``X`` (labels, if passed, are ignored) unless ``encoder_init``
+    gives a pretrained encoder, in which case ``fit`` only loads it; ``random_init=True``
+    gives the randomly initialised encoder (the representation baseline).
+    Works inside a scikit-learn ``Pipeline``: ``Pipeline([("dim", DIMEmbedder(...)),
+    ("rf", RandomForestRegressor())])``.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder_init: Any = None,
+        random_init: bool = False,
+        random_state: int = 0,
+        device: str = "auto",
+        callbacks: Any = None,
+        cache_dir: str | None = None,
+        n_jobs: int = 1,
+        verbose: int = 0,
+        featurizer__max_supercell_sites: int = 50,
+        featurizer__primitive: bool = True,
+        encoder__site_dim: int = 64,
+        encoder__pair_dim: int = 64,
+        encoder__heads: int = 1,
+        encoder__blocks: int = 1,
+        encoder__attention_hidden: int = 64,
+        encoder__local_dim: int = 32,
+        encoder__global_hidden: int = 128,
+        encoder__global_dim: int = 64,
+        encoder__distance_expansion: int = 0,
+        encoder__distance_cutoff: float = 10.0,
+        encoder__coulomb: bool = False,
+        encoder__dropout: float = 0.0,
+        encoder__activation: str = "mish",
+        dim__estimator: str = "jsd",
+        dim__weight_local: float = 1.0,
+        dim__weight_global: float = 1.0,
+        dim__weight_kl: float = 0.1,
+        dim__weight_prior: float = 0.0,
+        dim__extra_false_samples: bool = True,
+        dim__critic_dim: int = 128,
+        dim__critic_hidden: int = 64,
+        optimizer__lr: float = 1e-4,
+        optimizer__weight_decay: float = 1e-4,
+        optimizer__eps: float = 1e-7,
+        optimizer__amsgrad: bool = True,
+        pretrain__epochs: int = 30,
+        pretrain__batch_sites: int = 1200,
+        pretrain__val_fraction: float = 0.05,
+        pretrain__patience: int = 10,
+        pretrain__grad_clip: float = 10.0,
+        pretrain__checkpoint: str | None = None,
+    ) -> None:
+        self.encoder_init = encoder_init
+        self.random_init = random_init
+        self.random_state = random_state
+        self.device = device
+        self.callbacks = callbacks
+        self.cache_dir = cache_dir
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+        self.featurizer__max_supercell_sites = featurizer__max_supercell_sites
+        self.featurizer__primitive = featurizer__primitive
+        self.encoder__site_dim = encoder__site_dim
+        self.encoder__pair_dim = encoder__pair_dim
+        self.encoder__heads = encoder__heads
+        self.encoder__blocks = encoder__blocks
+        self.encoder__attention_hidden = encoder__attention_hidden
+        self.encoder__local_dim = encoder__local_dim
+        self.encoder__global_hidden = encoder__global_hidden
+        self.encoder__global_dim = encoder__global_dim
+        self.encoder__distance_expansion = encoder__distance_expansion
+        self.encoder__distance_cutoff = encoder__distance_cutoff
+        self.encoder__coulomb = encoder__coulomb
+        self.encoder__dropout = encoder__dropout
+        self.encoder__activation = encoder__activation
+        self.dim__estimator = dim__estimator
+        self.dim__weight_local = dim__weight_local
+        self.dim__weight_global = dim__weight_global
+        self.dim__weight_kl = dim__weight_kl
+        self.dim__weight_prior = dim__weight_prior
+        self.dim__extra_false_samples = dim__extra_false_samples
+        self.dim__critic_dim = dim__critic_dim
+        self.dim__critic_hidden = dim__critic_hidden
+        self.optimizer__lr = optimizer__lr
+        self.optimizer__weight_decay = optimizer__weight_decay
+        self.optimizer__eps = optimizer__eps
+        self.optimizer__amsgrad = optimizer__amsgrad
+        self.pretrain__epochs = pretrain__epochs
+        self.pretrain__batch_sites = pretrain__batch_sites
+        self.pretrain__val_fraction = pretrain__val_fraction
+        self.pretrain__patience = pretrain__patience
+        self.pretrain__grad_clip = pretrain__grad_clip
+        self.pretrain__checkpoint = pretrain__checkpoint
+
+    def fit(self, X: Any, y: Any = None) -> DIMEmbedder:
+        """Pretrain (or load, or randomly initialise) the encoder; ``y`` is ignored."""
+        for group in ("featurizer", "encoder", "dim", "optimizer", "pretrain"):
+            self._group(group)
+        if self.random_init and self.encoder_init is not None:
+            raise ValueError("random_init=True and encoder_init are exclusive")
+        if self.random_init or self.encoder_init is not None:
+            self._setup()
+            self.encoder_, self.pretrained_ = self._initial_encoder()
+            self.history_ = []
+            return self
+        structures = as_structures(X)
+        device = self._setup()
+        records = self._featurize(structures, _ids_of(X, len(structures)))
+        result = self._run_pretraining(records, device, None)
+        self.encoder_, self.pretrained_ = result.encoder, True
+        self.history_ = result.history
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Global vectors ``(n, global_dim)`` (float64) of structures ``X``."""
+        check_is_fitted(self, "encoder_")
+        structures = as_structures(X)
+        device = self._setup()
+        records = self._featurize(structures, _ids_of(X, len(structures)))
+        return embed(self.encoder_, records, self.pretrain__batch_sites, device)
+
+    def get_feature_names_out(self, input_features: Sequence[str] | None = None) -> np.ndarray:
+        """Names ``dim_0 ... dim_{global_dim - 1}``."""
+        return np.asarray([f"dim_{i}" for i in range(self.encoder__global_dim)], dtype=object)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape results (for provenance records)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in (
+        "matbench-dim",
+        "torch",
+        "numpy",
+        "pymatgen",
+        "matminer",
+        "matbench",
+        "scikit-learn",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out

@@ -1,0 +1,595 @@
+"""Deep InfoMax on Site-Net: critics, losses and the engineered false samples.
+
+The objective follows the seed paper's published configuration (see ``docs/method.md`` in
+the shared docs): two stages trained together, each with its own optimiser.
+
+- **Local stage** (:class:`LocalDIMLoss`): a dot-product critic scores a site's local vector
+  ``z_i`` against each of its supercell pairs ``u_ij = [s_image(j), d_ij]`` (raw neighbour
+  features and distance), weighted by ``(d_ij + 1)^-2`` normalised over ``j``. Negatives
+  borrow the pair row of a site of another crystal (the batch rolled by half its crystals):
+  the whole row, own species with borrowed distances, borrowed species with own distances.
+- **Global stage** (:class:`GlobalDIMLoss`) on detached local vectors: a critic scores the
+  crystal vector ``G`` against each of the crystal's ``z_i``. Negatives are the other
+  crystals' ``G`` and, with ``extra_false_samples``, three engineered false local vectors
+  paired with the crystal's own ``G`` (:func:`engineered_false_locals`).
+- A Gaussian KL penalty on each stage's reparametrised representation
+  (:class:`GaussianKL`, textbook KL to N(0, 1); the seed's own form differs, see docstring),
+  and optional adversarial prior matching on ``G`` (:class:`PriorMatchingLoss`, weight 0 in
+  the paper).
+
+Mutual-information estimators: ``"jsd"`` (Jensen-Shannon, softplus form:
+``softplus(-T_pos) + softplus(T_neg)``, the seed's) and ``"infonce"`` (cross-entropy of the
+positive against the negatives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+from matbench_dim.model.sitenet import (
+    ACTIVATIONS,
+    EncoderOutput,
+    PairInputs,
+    SiteNetEncoder,
+    masked_mean,
+    to_padded,
+    to_rows,
+)
+
+ESTIMATORS = ("jsd", "infonce")
+
+
+@dataclass(frozen=True)
+class DIMConfig:
+    """Hyperparameters of the DIM objective (defaults: the seed's published values).
+
+    Attributes
+    ----------
+    estimator
+        Mutual-information estimator: ``"jsd"`` (seed) or ``"infonce"``.
+    weight_local
+        Weight of the local stage (local DIM + its KL).
+    weight_global
+        Weight of the global stage (global DIM + its KL + prior matching).
+    weight_kl
+        Weight of the Gaussian KL penalty on each stage [0.1].
+    weight_prior
+        Weight of adversarial prior matching on ``G`` [0: unused in the paper].
+    extra_false_samples
+        Add the engineered false local vectors to the global negatives (the paper credits
+        them for the formation-energy gain) and the engineered pair rows to the local ones.
+    critic_dim
+        Width of the dot-product space of both critics [128].
+    critic_hidden
+        Hidden width of each critic's projections [64].
+    """
+
+    estimator: str = "jsd"
+    weight_local: float = 1.0
+    weight_global: float = 1.0
+    weight_kl: float = 0.1
+    weight_prior: float = 0.0
+    extra_false_samples: bool = True
+    critic_dim: int = 128
+    critic_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"dim estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        for name in ("weight_local", "weight_global", "weight_kl", "weight_prior"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"dim {name} must be >= 0, got {getattr(self, name)}")
+        if self.critic_dim < 1 or self.critic_hidden < 1:
+            raise ValueError("dim critic_dim and critic_hidden must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of the configuration."""
+        return asdict(self)
+
+
+def projection(n_in: int, hidden: int, n_out: int, activation: str = "mish") -> nn.Sequential:
+    """Critic projection ``Linear -> act -> Linear`` (no normalisation, as in the seed)."""
+    return nn.Sequential(nn.Linear(n_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, n_out))
+
+
+class LossOutput(NamedTuple):
+    """A scalar loss and the critic's accuracy at telling positives from negatives."""
+
+    loss: Tensor
+    accuracy: Tensor
+
+
+class PairView(NamedTuple):
+    """Pair rows shown to the local critic: ``features (R, S, F + 1)``, ``weights (R, S)``.
+
+    ``R`` rows are unique sites (see :class:`~matbench_dim.model.sitenet.PairInputs`).
+    Weights are zero on invalid pairs and sum to one over ``S`` for every row.
+    """
+
+    features: Tensor
+    weights: Tensor
+
+
+def distance_weights(distances: Tensor, valid: Tensor) -> Tensor:
+    """``(d + 1)^-2`` on valid pairs, normalised over the last axis; ``(..., S)``."""
+    w = (distances + 1.0).pow(-2) * valid.to(distances.dtype)
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def per_crystal_mean(per_site: Tensor, site_mask: Tensor) -> Tensor:
+    """Mean over each crystal's real sites, then over crystals: ``(B, P) -> ()``."""
+    return masked_mean(per_site, site_mask, dim=1).mean()
+
+
+def per_crystal_mean_rows(per_row: Tensor, row_crystal: Tensor) -> Tensor:
+    """Mean over each crystal's rows, then over crystals: ``(R,) -> ()``."""
+    n = int(row_crystal.max()) + 1
+    sums = per_row.new_zeros(n).index_add(0, row_crystal, per_row)
+    counts = per_row.new_zeros(n).index_add(0, row_crystal, torch.ones_like(per_row))
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
+
+
+class LocalDIMLoss(nn.Module):
+    """Local DIM: site vector ``z_i`` vs its weighted pair rows, against negative rows.
+
+    Parameters
+    ----------
+    local_dim
+        Width of ``z``.
+    pair_features
+        Width of a pair row entry ``[s_j, d_ij]`` (site features + 1).
+    critic_dim, critic_hidden
+        Critic sizes.
+    estimator
+        ``"jsd"`` or ``"infonce"``.
+    """
+
+    def __init__(
+        self,
+        local_dim: int,
+        pair_features: int,
+        critic_dim: int = 128,
+        critic_hidden: int = 64,
+        estimator: str = "jsd",
+        activation: str = "mish",
+    ) -> None:
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
+        self.f = projection(local_dim, critic_hidden, critic_dim, activation)
+        self.g = projection(pair_features, critic_hidden, critic_dim, activation)
+
+    def scores(self, z: Tensor, view: PairView) -> Tensor:
+        """Critic scores ``T(z_i, u_ij) = <f(z_i), g(u_ij)>``: ``(R, S)``.
+
+        ``g``'s last linear layer is folded into the per-row side
+        (``<f, W a + b> = <W^T f, a> + <f, b>``), so no ``critic_dim``-wide tensor is built
+        per pair.
+        """
+        fz = self.f(z)  # (R, C)
+        first, act, last = self.g[0], self.g[1], self.g[2]
+        hidden = act(first(view.features))  # (R, S, H)
+        return torch.einsum("rh,rsh->rs", fz @ last.weight, hidden) + (fz @ last.bias)[:, None]
+
+    def forward(
+        self, z: Tensor, positive: PairView, negatives: list[PairView], row_crystal: Tensor
+    ) -> LossOutput:
+        """Loss over a batch (mean over each crystal's sites, then over crystals).
+
+        Parameters
+        ----------
+        z
+            ``(R, local_dim)`` local vectors of the rows.
+        positive
+            The rows' own pair rows.
+        negatives
+            ``K >= 1`` views of negative pair rows, averaged.
+        row_crystal
+            ``(R,)`` long, crystal of each row.
+        """
+        t_pos = self.scores(z, positive)
+        t_neg = [self.scores(z, v) for v in negatives]
+        with torch.no_grad():
+            acc_pos = (positive.weights * (t_pos > 0)).sum(-1)
+            acc_neg = torch.stack([(v.weights * (t < 0)).sum(-1) for v, t in zip(negatives, t_neg)])
+            accuracy = per_crystal_mean_rows(0.5 * (acc_pos + acc_neg.mean(0)), row_crystal)
+        if self.estimator == "jsd":
+            pos = (positive.weights * F.softplus(-t_pos)).sum(-1)
+            neg = torch.stack(
+                [(v.weights * F.softplus(t)).sum(-1) for v, t in zip(negatives, t_neg)]
+            ).mean(0)
+            return LossOutput(per_crystal_mean_rows(pos + neg, row_crystal), accuracy)
+        s_pos = (positive.weights * t_pos).sum(-1)
+        s_neg = [(v.weights * t).sum(-1) for v, t in zip(negatives, t_neg)]
+        logits = torch.stack([s_pos, *s_neg], dim=-1)
+        nll = -torch.log_softmax(logits, dim=-1)[..., 0]
+        return LossOutput(per_crystal_mean_rows(nll, row_crystal), accuracy)
+
+
+class GlobalDIMLoss(nn.Module):
+    """Global DIM: crystal vector ``G`` vs the crystal's local vectors, against negatives.
+
+    Negatives of a local vector ``z_qi`` are the other crystals' ``G_b`` (``b != q``) and,
+    when given, engineered false local vectors paired with the crystal's own ``G``.
+    """
+
+    def __init__(
+        self,
+        global_dim: int,
+        local_dim: int,
+        critic_dim: int = 128,
+        critic_hidden: int = 64,
+        estimator: str = "jsd",
+        activation: str = "mish",
+    ) -> None:
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
+        self.f = projection(global_dim, critic_hidden, critic_dim, activation)
+        self.g = projection(local_dim, critic_hidden, critic_dim, activation)
+
+    def forward(
+        self,
+        g: Tensor,
+        z: Tensor,
+        site_mask: Tensor,
+        false_locals: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> LossOutput:
+        """Loss over a batch.
+
+        Parameters
+        ----------
+        g
+            ``(B, global_dim)`` crystal vectors.
+        z
+            ``(B, P, local_dim)`` local vectors (detached by the caller in pretraining).
+        site_mask
+            ``(B, P)`` bool.
+        false_locals
+            Engineered negatives: ``(z_false (B, P', local_dim), mask (B, P'))`` pairs, each
+            scored against the crystal's own ``G``.
+        """
+        false_locals = false_locals or []
+        fg = self.f(g)
+        # all[b, q, p] = T(G_b, z_qp)
+        all_scores = torch.einsum("bc,qpc->bqp", fg, self.g(z))
+        n = g.shape[0]
+        eye = torch.eye(n, dtype=torch.bool, device=g.device)
+        t_pos = all_scores.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (B, P): T(G_q, z_qp)
+        t_false = [torch.einsum("bc,bpc->bp", fg, self.g(zf)) for zf, _ in false_locals]
+        others = ~eye[:, :, None].expand_as(all_scores)  # b != q
+        if self.estimator == "jsd":
+            pos = per_crystal_mean(F.softplus(-t_pos), site_mask)
+            neg_terms = []
+            if n > 1:
+                # mean over the other crystals' G, per local vector, then per crystal
+                per_site = (F.softplus(all_scores) * others).sum(0) / (n - 1)
+                neg_terms.append(per_crystal_mean(per_site, site_mask))
+            neg_terms += [
+                per_crystal_mean(F.softplus(t), m) for t, (_, m) in zip(t_false, false_locals)
+            ]
+            neg = torch.stack(neg_terms).mean() if neg_terms else t_pos.new_zeros(())
+            loss = pos + neg
+        else:
+            # per local vector: softmax over [own G, other crystals' G, own G with false z]
+            cols = [all_scores.permute(1, 2, 0)]  # (q, p, b): T(G_b, z_qp)
+            cols += [
+                torch.where(m, t, torch.full_like(t, float("-inf")))[..., None]
+                for t, (_, m) in zip(t_false, false_locals)
+                if t.shape[1] == z.shape[1]
+            ]
+            logits = torch.cat(cols, dim=-1)
+            target = torch.arange(n, device=g.device)[:, None].expand(-1, z.shape[1])
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+            )
+            loss = per_crystal_mean(nll.reshape(target.shape), site_mask)
+        with torch.no_grad():
+            accs = [per_crystal_mean((t_pos > 0).float(), site_mask)]
+            neg_accs = []
+            if n > 1:
+                neg_accs.append(
+                    per_crystal_mean(((all_scores < 0) & others).sum(0) / (n - 1), site_mask)
+                )
+            neg_accs += [
+                per_crystal_mean((t < 0).float(), m) for t, (_, m) in zip(t_false, false_locals)
+            ]
+            if neg_accs:
+                accs.append(torch.stack(neg_accs).mean())
+            accuracy = torch.stack(accs).mean()
+        return LossOutput(loss, accuracy)
+
+
+class GaussianKL(nn.Module):
+    """Mean KL divergence ``KL(N(mu, exp(logvar)) || N(0, 1))`` per dimension.
+
+    The textbook form ``0.5 (mu^2 + exp(logvar) - 1 - logvar)``, averaged over dimensions and
+    over valid rows. (The seed's code uses ``0.5 mu^2 + exp(logvar) - logvar``, which has the
+    same minimiser for ``mu`` but a different scale for the variance; we use the textbook one.)
+    """
+
+    def forward(self, mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mu``, ``logvar``: ``(..., D)``; ``mask``: ``(...)`` bool or None -> scalar."""
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(-1)
+        if mask is None:
+            return kl.mean()
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return -grad
+
+
+class PriorMatchingLoss(nn.Module):
+    """Adversarial prior matching (original DIM): a discriminator tells ``G`` from N(0, 1).
+
+    The discriminator minimises its binary cross-entropy; a gradient-reversal layer makes the
+    encoder maximise it, pushing ``G`` towards the prior. Weight 0 in the seed's paper.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.disc = projection(dim, hidden, 1)
+
+    def forward(self, g: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``g``: ``(B, D)`` -> scalar loss."""
+        prior = torch.randn(g.shape, generator=generator, dtype=g.dtype).to(g.device)
+        real = self.disc(prior)
+        fake = self.disc(_GradReverse.apply(g))
+        return F.binary_cross_entropy_with_logits(
+            real, torch.ones_like(real)
+        ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+
+
+def roll_shift(n_crystals: int) -> int:
+    """Roll by half the batch (the seed's choice): 0 only when there is one crystal."""
+    return n_crystals // 2
+
+
+def rolled_rows(pairs: PairInputs, shift: int) -> Tensor:
+    """Source row of each row's negative: crystal ``(c + shift) % B``, its site ``i mod P'``.
+
+    Returns an ``(R,)`` long tensor of row indices.
+    """
+    n = pairs.n_sites.shape[0]
+    src = (pairs.row_crystal + shift) % n
+    return pairs.offsets[src] + pairs.row_site % pairs.n_sites[src]
+
+
+def local_views(
+    site_rows: Tensor, pairs: PairInputs, extra_false_samples: bool = True
+) -> tuple[PairView, list[PairView]]:
+    """The positive pair rows and the negative rows of the local DIM.
+
+    Parameters
+    ----------
+    site_rows
+        ``(R, F)`` (standardised) features of the unique sites.
+    pairs
+        Row-layout geometry of the batch.
+    extra_false_samples
+        Add own species with borrowed distances and borrowed species with own distances to
+        the borrowed whole row.
+
+    Returns
+    -------
+    tuple
+        ``(positive, negatives)``.
+    """
+    species = site_rows[pairs.neighbour_index]  # (R, S, F)
+    d = pairs.distances
+    valid = pairs.pair_mask
+    pos = PairView(torch.cat([species, d[..., None]], -1), distance_weights(d, valid))
+    src = rolled_rows(pairs, roll_shift(pairs.n_sites.shape[0]))
+    r_species, r_d, r_valid = species[src], d[src], valid[src]
+    negatives = [
+        PairView(torch.cat([r_species, r_d[..., None]], -1), distance_weights(r_d, r_valid))
+    ]
+    if extra_false_samples:
+        both = valid & r_valid
+        negatives.append(
+            PairView(torch.cat([species, r_d[..., None]], -1), distance_weights(r_d, both))
+        )
+        negatives.append(
+            PairView(torch.cat([r_species, d[..., None]], -1), distance_weights(d, both))
+        )
+    return pos, negatives
+
+
+def engineered_false_locals(
+    encoder: SiteNetEncoder,
+    batch: Any,
+    pairs: PairInputs,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """The seed's "extra false samples": local vectors of corrupted crystals (no gradient).
+
+    For crystal ``b`` and ``r = (b + B // 2) % B``:
+
+    1. wrong composition, right structure: ``b``'s geometry with ``r``'s species
+       (site ``k`` takes the species of ``r``'s site ``k mod P_r``);
+    2. right composition, wrong structure: ``r``'s geometry with ``b``'s species;
+    3. permuted interactions: ``b``'s own sites with the columns ``j`` shuffled, so each
+       neighbour appears at another neighbour's distance.
+
+    Returns
+    -------
+    list
+        ``(z_false (B, P, local_dim), mask (B, P))`` for each kind, to pair with ``G_b``.
+    """
+    site_mask = batch.prim_mask
+    n = site_mask.shape[0]
+    shift = roll_shift(n)
+    site_rows = to_rows(batch.site_features, site_mask)
+    z_rows = to_rows(batch.atomic_numbers, site_mask)
+    local = encoder.local
+    geometry = (pairs.neighbour_index, pairs.distances, pairs.pair_mask)
+    out: list[tuple[Tensor, Tensor]] = []
+    with torch.no_grad():
+        # 1. r's species on b's geometry
+        src = rolled_rows(pairs, shift)
+        mu, _ = local(site_rows[src], *geometry, z_rows[src])
+        out.append((to_padded(mu, site_mask), site_mask))
+        # 2. b's species on r's geometry: rows of crystal c take the species of c - shift,
+        #    and the result is paired with G of crystal c - shift, i.e. b's row of r = b + shift
+        src = rolled_rows(pairs, -shift)
+        mu, _ = local(site_rows[src], *geometry, z_rows[src])
+        rolled = (torch.arange(n, device=site_mask.device) + shift) % n
+        out.append((to_padded(mu, site_mask)[rolled], site_mask[rolled]))
+        # 3. columns shuffled within each crystal's real supercell sites
+        keys = torch.rand(batch.super_mask.shape, generator=generator).to(site_mask.device)
+        keys = keys.masked_fill(~batch.super_mask, 2.0)
+        image_perm = torch.gather(batch.image_of, 1, keys.argsort(dim=1))
+        index = pairs.offsets[pairs.row_crystal][:, None] + image_perm[pairs.row_crystal]
+        mu, _ = local(site_rows, index, pairs.distances, pairs.pair_mask, z_rows)
+        out.append((to_padded(mu, site_mask), site_mask))
+    return out
+
+
+class DIMProbes(nn.Module):
+    """Detached diagnostic heads: they watch the representation and never train it.
+
+    - composition probe: ``G`` -> mean site features of the crystal (label-free);
+    - site probe: ``z_i`` -> the site's own elemental features (label-free);
+    - property probe: ``G`` -> a scaled target, trained only on crystals whose label is given
+      (never used for model selection).
+    """
+
+    def __init__(self, global_dim: int, local_dim: int, site_features: int) -> None:
+        super().__init__()
+        self.composition = nn.Linear(global_dim, site_features)
+        self.site = nn.Linear(local_dim, site_features)
+        self.property = projection(global_dim, 64, 1)
+
+    def forward(
+        self,
+        out: EncoderOutput,
+        site_features: Tensor,
+        targets: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Probe losses (MSE) on detached inputs; ``targets`` is ``(B,)`` with NaN = unlabelled."""
+        g = out.global_mu.detach()
+        z = out.local_mu.detach()
+        mask = out.site_mask
+        comp = masked_mean(site_features, mask, dim=1)
+        losses = {
+            "probe_composition": F.mse_loss(self.composition(g), comp),
+            "probe_site": masked_mean(
+                (self.site(z) - site_features).pow(2).mean(-1), mask, dim=1
+            ).mean(),
+        }
+        if targets is not None:
+            known = torch.isfinite(targets)
+            if known.any():
+                pred = self.property(g).squeeze(-1)
+                losses["probe_property"] = F.mse_loss(pred[known], targets[known])
+                losses["probe_property_mae"] = (pred[known] - targets[known]).abs().mean().detach()
+        return losses
+
+
+class DIMObjective(nn.Module):
+    """Everything trained by DIM besides the encoder: critics, prior discriminator, probes.
+
+    ``forward`` runs the encoder on a batch and returns the stage losses and diagnostics.
+    Parameter groups for the separate optimisers: :meth:`local_parameters`,
+    :meth:`global_parameters`, :meth:`probe_parameters` (plus the encoder's own stages).
+    """
+
+    def __init__(self, cfg: DIMConfig, encoder_cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.local_loss = LocalDIMLoss(
+            encoder_cfg.local_dim,
+            encoder_cfg.site_features + 1,
+            cfg.critic_dim,
+            cfg.critic_hidden,
+            cfg.estimator,
+            encoder_cfg.activation,
+        )
+        self.global_loss = GlobalDIMLoss(
+            encoder_cfg.global_dim,
+            encoder_cfg.local_dim,
+            cfg.critic_dim,
+            cfg.critic_hidden,
+            cfg.estimator,
+            encoder_cfg.activation,
+        )
+        self.kl = GaussianKL()
+        self.prior = PriorMatchingLoss(encoder_cfg.global_dim, cfg.critic_hidden)
+        self.probes = DIMProbes(
+            encoder_cfg.global_dim, encoder_cfg.local_dim, encoder_cfg.site_features
+        )
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        return list(self.local_loss.parameters())
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        return list(self.global_loss.parameters()) + list(self.prior.parameters())
+
+    def probe_parameters(self) -> list[nn.Parameter]:
+        return list(self.probes.parameters())
+
+    def forward(
+        self,
+        encoder: SiteNetEncoder,
+        batch: Any,
+        generator: torch.Generator | None = None,
+        targets: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """One DIM pass.
+
+        Returns
+        -------
+        dict
+            ``loss`` (the sum to back-propagate: the stages are independent by construction,
+            so one backward pass gives each optimiser its own stage's gradient),
+            ``dim_local``, ``dim_global``, ``kl_local``, ``kl_global``, ``prior``,
+            ``acc_local``, ``acc_global`` and the probes' losses.
+        """
+        cfg = self.cfg
+        out = encoder(batch, sample=True, detach_local=True, generator=generator)
+        mask = out.site_mask
+        site_rows = encoder.local.standardise(to_rows(batch.site_features, mask))
+        pos, negs = local_views(site_rows, out.pairs, cfg.extra_false_samples)
+        local = self.local_loss(out.local[mask], pos, negs, out.pairs.row_crystal)
+        kl_local = self.kl(out.local_mu, out.local_logvar, mask)
+        false_locals = (
+            engineered_false_locals(encoder, batch, out.pairs, generator)
+            if cfg.extra_false_samples
+            else []
+        )
+        glob = self.global_loss(out.global_, out.local.detach(), mask, false_locals)
+        kl_global = self.kl(out.global_mu, out.global_logvar)
+        prior = self.prior(out.global_, generator) if cfg.weight_prior > 0 else kl_global * 0
+        probes = self.probes(out, batch.site_features, targets)
+        stage_local = local.loss + cfg.weight_kl * kl_local
+        stage_global = glob.loss + cfg.weight_kl * kl_global + cfg.weight_prior * prior
+        probe_loss = sum(v for k, v in probes.items() if not k.endswith("_mae"))
+        total = cfg.weight_local * stage_local + cfg.weight_global * stage_global + probe_loss
+        return {
+            "loss": total,
+            "dim_loss": (stage_local + stage_global).detach(),
+            "dim_local": local.loss.detach(),
+            "dim_global": glob.loss.detach(),
+            "kl_local": kl_local.detach(),
+            "kl_global": kl_global.detach(),
+            "prior": prior.detach(),
+            "acc_local": local.accuracy.detach(),
+            "acc_global": glob.accuracy.detach(),
+            **{k: v.detach() for k, v in probes.items()},
+        }

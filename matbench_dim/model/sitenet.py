@@ -1,0 +1,496 @@
+"""The Site-Net encoder: global self-attention over the sites of a real-space supercell.
+
+Shapes used throughout (see :class:`matbench_dim.featurize.Batch`):
+
+- ``B`` crystals in a batch, ``P`` unique (primitive-cell) sites per crystal (padded),
+  ``S`` supercell sites per crystal (padded), ``F`` elemental site features.
+- Attention rows are unique sites ``i``; columns are all supercell sites ``j``, each an image
+  of the unique site ``image_of[j]`` whose features it shares.
+
+The encoder has two stages, as in the Deep InfoMax configuration of the seed paper:
+
+1. :class:`LocalEncoder` — site embedding, pair embedding of the minimum-image distance
+   (optionally a Coulomb-like term), ``blocks`` multi-head attention blocks, and a linear
+   bottleneck to a ``local_dim`` vector per unique site (mean and log-variance).
+2. :class:`GlobalEncoder` — a DeepSets network: per-site MLP, masked mean over the crystal's
+   sites, MLP to a ``global_dim`` crystal vector (mean and log-variance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from matbench_dim.model.geometry import coulomb_features, minimum_image_distances
+
+N_SITE_FEATURES = 8
+ACTIVATIONS: dict[str, type[nn.Module]] = {"mish": nn.Mish, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hyperparameters of :class:`SiteNetEncoder` (defaults: the seed's DIM configuration).
+
+    Attributes
+    ----------
+    site_features
+        Number of elemental features per site (8 scaled Magpie-like properties).
+    site_dim
+        Width of the site embedding and of each attention block's output.
+    pair_dim
+        Width of the pair (interaction) embedding.
+    heads
+        Attention heads per block (``site_dim`` must be divisible by ``heads``).
+    blocks
+        Number of attention blocks (1 in the DIM work; 2 in supervised Site-Net).
+    attention_hidden
+        Hidden width of the attention-logit and value MLPs.
+    local_dim
+        Width of the local (per-site) bottleneck vector ``z``.
+    global_hidden
+        Per-site width inside the DeepSets global encoder before pooling.
+    global_dim
+        Width of the crystal (global) vector ``G``.
+    distance_expansion
+        0 feeds the raw distance (in Angstrom) to the pair embedding, as published; ``k > 0``
+        expands it on ``k`` Gaussians between 0 and ``distance_cutoff`` first.
+    distance_cutoff
+        Upper end of the Gaussian expansion, in Angstrom (no cutoff is applied to attention).
+    coulomb
+        Add the clipped log Coulomb-like pair term ``log(Z_i Z_j / r_ij)`` (supervised
+        Site-Net) to the distance.
+    dropout
+        Dropout on the attention values (0 in the seed).
+    activation
+        ``"mish"`` (the seed's) or ``"silu"``: on CPU, mish's backward pass is about 3x
+        slower than silu's and dominates the step time (see ``benchmarks/``).
+    """
+
+    site_features: int = N_SITE_FEATURES
+    site_dim: int = 64
+    pair_dim: int = 64
+    heads: int = 1
+    blocks: int = 1
+    attention_hidden: int = 64
+    local_dim: int = 32
+    global_hidden: int = 128
+    global_dim: int = 64
+    distance_expansion: int = 0
+    distance_cutoff: float = 10.0
+    coulomb: bool = False
+    dropout: float = 0.0
+    activation: str = "mish"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type in ("int", int) and f.name != "distance_expansion":
+                if int(getattr(self, f.name)) < 1:
+                    raise ValueError(f"encoder {f.name} must be >= 1, got {getattr(self, f.name)}")
+        if self.site_dim % self.heads:
+            raise ValueError(
+                f"encoder site_dim ({self.site_dim}) must be divisible by heads ({self.heads})"
+            )
+        if self.distance_expansion < 0:
+            raise ValueError("encoder distance_expansion must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"encoder activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"encoder dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of the configuration."""
+        return asdict(self)
+
+    @property
+    def pair_inputs(self) -> int:
+        """Number of raw pair features fed to the pair embedding."""
+        return max(1, self.distance_expansion) + int(self.coulomb)
+
+
+def mlp(
+    sizes: list[int],
+    *,
+    last_activation: bool = False,
+    norm: bool = True,
+    activation: str = "mish",
+) -> nn.Sequential:
+    """MLP with an activation and LayerNorm after each hidden layer (and the last if asked)."""
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if k < len(sizes) - 2 or last_activation:
+            layers.append(ACTIVATIONS[activation]())
+            if norm:
+                layers.append(nn.LayerNorm(b))
+    return nn.Sequential(*layers)
+
+
+class PairInputs(NamedTuple):
+    """Geometry of a batch in the *row* layout used by the attention.
+
+    Rows are the ``R`` real unique sites of the batch (crystal by crystal, in the order of
+    ``batch.prim_mask``'s True entries); columns are the ``S`` supercell-site slots of the
+    row's crystal (padded to the batch's largest supercell). Padding unique sites are
+    dropped, which on real data saves 2-4x compared with a ``(B, P, S)`` layout.
+    """
+
+    distances: Tensor
+    """``(R, S)`` minimum-image distances in Angstrom, 0 on padding columns."""
+    pair_mask: Tensor
+    """``(R, S)`` bool, True on the row crystal's real supercell sites."""
+    neighbour_index: Tensor
+    """``(R, S)`` long: the row (unique site) that each column is an image of."""
+    row_crystal: Tensor
+    """``(R,)`` long: crystal of each row."""
+    row_site: Tensor
+    """``(R,)`` long: position of each row among its crystal's unique sites."""
+    offsets: Tensor
+    """``(B,)`` long: first row of each crystal."""
+    n_sites: Tensor
+    """``(B,)`` long: unique sites of each crystal."""
+
+
+def pair_inputs(batch: Any) -> PairInputs:
+    """Compute the row-layout pair geometry of a :class:`~matbench_dim.featurize.Batch`."""
+    rows = batch.prim_mask.nonzero()
+    row_crystal, row_site = rows[:, 0], rows[:, 1]
+    n_sites = batch.prim_mask.sum(1)
+    offsets = torch.cumsum(n_sites, 0) - n_sites
+    d = minimum_image_distances(
+        batch.prim_coords[row_crystal, row_site][:, None, :],
+        batch.super_coords[row_crystal],
+        batch.lattice[row_crystal],
+    )[:, 0, :]
+    mask = batch.super_mask[row_crystal]
+    d = torch.where(mask, d, torch.zeros_like(d))
+    idx = offsets[row_crystal][:, None] + batch.image_of[row_crystal]
+    return PairInputs(d, mask, idx, row_crystal, row_site, offsets, n_sites)
+
+
+def to_rows(x: Tensor, site_mask: Tensor) -> Tensor:
+    """Padded per-site values ``(B, P, ...)`` -> rows ``(R, ...)``."""
+    return x[site_mask]
+
+
+def to_padded(rows: Tensor, site_mask: Tensor) -> Tensor:
+    """Rows ``(R, D)`` -> padded ``(B, P, D)`` with zeros on padding sites."""
+    out = rows.new_zeros((*site_mask.shape, rows.shape[-1]))
+    out[site_mask] = rows
+    return out
+
+
+class AttentionBlock(nn.Module):
+    """One Site-Net attention block, in the row layout.
+
+    Each unique site ``i`` attends over all supercell sites ``j``. The bond feature
+    ``[h_i, h_image(j), e_ij]`` feeds two MLPs: one attention logit per head, and the values;
+    padding columns get ``-inf`` logits. The first (linear) layer of both MLPs is applied to
+    the three parts separately (``W [a, b, c] = W_a a + W_b b + W_c c``), so the per-site
+    parts are computed once per site instead of once per pair: same function, a fraction of
+    the cost.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.site_dim // cfg.heads
+        a = cfg.attention_hidden
+        self.hidden = a
+        self.w_site = nn.Linear(cfg.site_dim, 2 * a)
+        self.w_neighbour = nn.Linear(cfg.site_dim, 2 * a, bias=False)
+        self.w_pair = nn.Linear(cfg.pair_dim, 2 * a, bias=False)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.norm_logits = nn.LayerNorm(a)
+        self.norm_values = nn.LayerNorm(a)
+        self.logits = nn.Linear(a, cfg.heads)
+        self.values = nn.Linear(a, cfg.site_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = mlp([cfg.site_dim, cfg.site_dim], last_activation=True, activation=cfg.activation)
+
+    def forward(
+        self, h: Tensor, neighbour_index: Tensor, pair: Tensor, pair_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Update the unique sites.
+
+        Parameters
+        ----------
+        h
+            ``(R, D)`` embeddings of the unique sites (rows).
+        neighbour_index
+            ``(R, S)`` long: row shown in each column.
+        pair
+            ``(R, S, E)`` pair embeddings.
+        pair_mask
+            ``(R, S)`` bool, True for real pairs.
+
+        Returns
+        -------
+        tuple
+            The new ``(R, D)`` site vectors and the ``(R, S, heads)`` attention weights.
+        """
+        r, s = neighbour_index.shape
+        hidden = (
+            self.w_site(h)[:, None, :] + self.w_neighbour(h)[neighbour_index] + self.w_pair(pair)
+        )
+        hidden = self.act(hidden)
+        hl, hv = hidden.split(self.hidden, dim=-1)
+        logits = self.logits(self.norm_logits(hl)).masked_fill(~pair_mask[..., None], float("-inf"))
+        weights = torch.softmax(logits, dim=1)
+        values = self.dropout(self.values(self.norm_values(hv))).reshape(
+            r, s, self.heads, self.head_dim
+        )
+        x = (weights[..., None] * values).sum(dim=1).reshape(r, -1)
+        return self.out(x), weights
+
+
+class LocalEncoder(nn.Module):
+    """Unique-site features and pair geometry -> local vector mean and log-variance (rows).
+
+    Site features are standardised with fixed per-feature statistics over the elements
+    H-Lr (buffers, not learnt), so that the embeddings and DIM's critics see inputs of unit
+    scale whatever the seed's fixed scalers leave.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mean, std = _site_feature_stats(cfg.site_features)
+        self.register_buffer("feature_mean", mean, persistent=False)
+        self.register_buffer("feature_std", std, persistent=False)
+        act = cfg.activation
+        self.site_embed = mlp([cfg.site_features, cfg.site_dim], last_activation=True, activation=act)
+        self.pair_embed = mlp([cfg.pair_inputs, cfg.pair_dim], last_activation=True, activation=act)
+        self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.blocks))
+        self.mu = nn.Linear(cfg.site_dim, cfg.local_dim)
+        self.logvar = nn.Linear(cfg.site_dim, cfg.local_dim)
+        if cfg.distance_expansion:
+            centres = torch.linspace(0.0, cfg.distance_cutoff, cfg.distance_expansion)
+            self.register_buffer("rbf_centres", centres, persistent=False)
+            self.rbf_width = float(cfg.distance_cutoff / cfg.distance_expansion)
+
+    def standardise(self, site_features: Tensor) -> Tensor:
+        """Fixed standardisation of the scaled elemental features: ``(..., F)``."""
+        return (site_features - self.feature_mean) / self.feature_std
+
+    def pair_features(self, distances: Tensor, z_i: Tensor | None, z_j: Tensor | None) -> Tensor:
+        """Raw pair features ``(R, S, pair_inputs)`` from distances in Angstrom.
+
+        ``z_i``/``z_j`` are ``(R, S)`` atomic numbers of both ends (Coulomb term only).
+        """
+        if self.cfg.distance_expansion:
+            diff = distances[..., None] - self.rbf_centres
+            feats = torch.exp(-0.5 * (diff / self.rbf_width) ** 2)
+        else:
+            feats = distances[..., None]
+        if self.cfg.coulomb:
+            if z_i is None or z_j is None:
+                raise ValueError("coulomb pair features need atomic numbers")
+            feats = torch.cat([feats, coulomb_features(z_i, z_j, distances)[..., None]], dim=-1)
+        return feats
+
+    def forward(
+        self,
+        site_features: Tensor,
+        neighbour_index: Tensor,
+        distances: Tensor,
+        pair_mask: Tensor,
+        atomic_numbers: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Encode every unique site (rows).
+
+        Parameters
+        ----------
+        site_features
+            ``(R, F)`` scaled elemental features of the unique sites.
+        neighbour_index
+            ``(R, S)`` long: the row each column is an image of. DIM's engineered negatives
+            pass permuted or borrowed indices and features here.
+        distances
+            ``(R, S)`` minimum-image distances (Angstrom).
+        pair_mask
+            ``(R, S)`` bool.
+        atomic_numbers
+            ``(R,)`` long, needed only when the Coulomb pair term is on.
+
+        Returns
+        -------
+        tuple
+            ``(mu, logvar)``, each ``(R, local_dim)``.
+        """
+        h = self.site_embed(self.standardise(site_features))
+        z_i = z_j = None
+        if self.cfg.coulomb:
+            if atomic_numbers is None:
+                raise ValueError("coulomb pair features need atomic numbers")
+            z = atomic_numbers.to(distances.dtype)
+            z_i = z[:, None].expand_as(distances)
+            z_j = z[neighbour_index]
+        e = self.pair_embed(self.pair_features(distances, z_i, z_j))
+        for k, block in enumerate(self.blocks):
+            update, _ = block(h, neighbour_index, e, pair_mask)
+            h = update if k == 0 else h + update
+        return self.mu(h), self.logvar(h)
+
+
+def _site_feature_stats(n_features: int) -> tuple[Tensor, Tensor]:
+    from matbench_dim.elements import element_feature_table
+
+    table = torch.tensor(np.array(element_feature_table()[1:]), dtype=torch.float32)
+    if table.shape[1] != n_features:
+        return torch.zeros(n_features), torch.ones(n_features)
+    return table.mean(0), table.std(0).clamp_min(1e-6)
+
+
+class GlobalEncoder(nn.Module):
+    """DeepSets: local vectors ``(B, P, local_dim)`` -> crystal vector mean and log-variance."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        act = cfg.activation
+        self.pre = mlp(
+            [cfg.local_dim, cfg.site_dim, cfg.global_hidden], last_activation=True, activation=act
+        )
+        self.post = mlp([cfg.global_hidden, cfg.global_dim], last_activation=True, activation=act)
+        self.mu = nn.Linear(cfg.global_dim, cfg.global_dim)
+        self.logvar = nn.Linear(cfg.global_dim, cfg.global_dim)
+
+    def forward(self, local: Tensor, site_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool the local vectors of each crystal (masked mean) -> ``(B, global_dim)`` x2."""
+        m = site_mask[..., None].to(local.dtype)
+        pooled = (self.pre(local) * m).sum(1) / m.sum(1).clamp_min(1.0)
+        g = self.post(pooled)
+        return self.mu(g), self.logvar(g)
+
+
+class EncoderOutput(NamedTuple):
+    """Everything the DIM objective and the heads need from one encoder pass."""
+
+    local: Tensor
+    """``(B, P, local_dim)`` local vectors (a reparametrised sample when sampling), 0 on
+    padding; ``local[site_mask]`` gives them in the row order of :class:`PairInputs`."""
+    local_mu: Tensor
+    local_logvar: Tensor
+    global_: Tensor
+    """``(B, global_dim)`` crystal vectors (a sample when sampling)."""
+    global_mu: Tensor
+    global_logvar: Tensor
+    site_mask: Tensor
+    """``(B, P)`` bool."""
+    pairs: PairInputs
+
+
+def reparametrise(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Sample ``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, 1)`` from ``generator``."""
+    eps = torch.randn(mu.shape, generator=generator, device="cpu", dtype=mu.dtype).to(mu.device)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+class SiteNetEncoder(nn.Module):
+    """Site-Net encoder: local (per-site) vectors and a global (per-crystal) vector.
+
+    With ``detach_local=True`` (DIM pretraining) the global encoder sees detached local
+    vectors, so the global stage never trains the local encoder; fine-tuning uses
+    ``detach_local=False`` so the whole network learns.
+    """
+
+    def __init__(self, cfg: EncoderConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or EncoderConfig()
+        self.local = LocalEncoder(self.cfg)
+        self.global_ = GlobalEncoder(self.cfg)
+
+    def forward(
+        self,
+        batch: Any,
+        *,
+        sample: bool = False,
+        detach_local: bool = False,
+        generator: torch.Generator | None = None,
+        pairs: PairInputs | None = None,
+    ) -> EncoderOutput:
+        """Encode a :class:`~matbench_dim.featurize.Batch`.
+
+        Parameters
+        ----------
+        batch
+            Padded batch of crystals.
+        sample
+            Draw reparametrised samples (pretraining) instead of returning the means.
+        detach_local
+            Stop gradients between the local and global stages.
+        generator
+            Random generator for the samples.
+        pairs
+            Precomputed :func:`pair_inputs` of the batch.
+        """
+        pairs = pairs if pairs is not None else pair_inputs(batch)
+        site_mask = batch.prim_mask
+        mu_rows, logvar_rows = self.local(
+            to_rows(batch.site_features, site_mask),
+            pairs.neighbour_index,
+            pairs.distances,
+            pairs.pair_mask,
+            to_rows(batch.atomic_numbers, site_mask),
+        )
+        mu = to_padded(mu_rows, site_mask)
+        logvar = to_padded(logvar_rows, site_mask)
+        z = reparametrise(mu, logvar, generator) * site_mask[..., None] if sample else mu
+        g_mu, g_logvar = self.global_(z.detach() if detach_local else z, site_mask)
+        g = reparametrise(g_mu, g_logvar, generator) if sample else g_mu
+        return EncoderOutput(z, mu, logvar, g, g_mu, g_logvar, site_mask, pairs)
+
+
+class SiteNetRegressorNet(nn.Module):
+    """Encoder + regression head ``Linear(G, hidden) -> mish -> Linear(hidden, 1)``.
+
+    ``forward(batch)`` returns ``(B,)`` predictions in the scaled target space.
+    """
+
+    def __init__(self, encoder: SiteNetEncoder, head_hidden: int = 64) -> None:
+        super().__init__()
+        self.encoder = encoder
+        g = encoder.cfg.global_dim
+        act = ACTIVATIONS[encoder.cfg.activation]
+        self.head = nn.Sequential(nn.Linear(g, head_hidden), act(), nn.Linear(head_hidden, 1))
+
+    def forward(self, batch: Any) -> Tensor:
+        """Predict one scalar per crystal (deterministic: means, no sampling)."""
+        out = self.encoder(batch)
+        return self.head(out.global_).squeeze(-1)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Mean of ``x`` over ``dim`` where ``mask`` is True (0 where nothing is valid)."""
+    m = mask.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m[..., None]
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "AttentionBlock",
+    "EncoderConfig",
+    "EncoderOutput",
+    "GlobalEncoder",
+    "LocalEncoder",
+    "PairInputs",
+    "SiteNetEncoder",
+    "SiteNetRegressorNet",
+    "count_parameters",
+    "to_padded",
+    "to_rows",
+    "masked_mean",
+    "pair_inputs",
+    "reparametrise",
+]
