@@ -374,9 +374,8 @@ def pretrain_dim(
             best = ckpt["best"]
             start = resumed = int(ckpt["epoch"]) + 1
             logger.info("resuming DIM pretraining from %s at epoch %d", ckpt_path, start)
-    cbs = list(callbacks)
-    if ckpt_path is not None:
-        cbs.append(PretrainCheckpoint(ckpt_path))
+    # the checkpoint goes first, so an epoch is saved before another callback can stop the run
+    cbs = ([PretrainCheckpoint(ckpt_path)] if ckpt_path is not None else []) + list(callbacks)
     state = TrainingState(
         "pretrain",
         encoder,
