@@ -97,6 +97,7 @@ def run(
     Defaults run on matbench_jdft2d (shipped with the package) in a few minutes on 2 cores.
     """
     import numpy as np
+    import pandas as pd
 
     from matbench_dim.data import load_task
     from matbench_dim.matbench_io import new_benchmark, record, save_benchmark
@@ -108,7 +109,7 @@ def run(
     if not 0 <= fold < t.n_folds:
         raise UserError(f"--fold must be in 0..{t.n_folds - 1} for {task}, got {fold}")
     x_train, y_train = t.train_data(fold)
-    ids = draw_subset(t.train_ids(fold), n_labels, fold=fold, seed=seed, exclude=t.test_ids(fold))
+    ids = draw_subset(t.train_ids(fold), n_labels, fold=fold, seed=seed)
     params = {
         "pretrain__epochs": pretrain_epochs,
         "finetune__epochs": finetune_epochs,
@@ -134,16 +135,17 @@ def run(
         f"test MAE {mae:.4g} {t.unit or ''} (train-mean dummy {dummy:.4g}) on {len(y_test)} structures",
     ]
     if t.is_matbench:
-        mb = new_benchmark([t.matbench_task.dataset_name])
-        record(mb.tasks_map[t.matbench_task.dataset_name], fold, pred, params={
-            "n_labels": len(ids), "seed": seed, "labelled_ids": [str(i) for i in ids],
+        mb = new_benchmark([t])
+        run_params = {
+            "n_labels": len(ids),
+            "seed": seed,
+            "labelled_ids": [str(i) for i in ids],
             **{k: v for k, v in est.get_params().items() if k != "callbacks"},
-        }, task_data=t)
+        }
+        record(mb, t.name, fold, pd.Series(pred, index=x_test.index), params=run_params)
         path = save_benchmark(mb, out / "results.json.gz")
         lines.append(f"matbench results: {path}")
     pd_path = out / "predictions.csv"
-    import pandas as pd
-
     pd.DataFrame({"id": x_test.index, "prediction": pred, "target": y_test}).to_csv(pd_path, index=False)
     lines += [f"predictions: {pd_path}", f"model: {model_dir}", f"encoder: {out / 'encoder'}"]
     lines.append(f"wall time {time.perf_counter() - t0:.0f} s")

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("MATBENCH_DIM_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(int(os.environ["MATBENCH_DIM_NUM_THREADS"]))
 
@@ -31,7 +31,9 @@ def jdft2d_df():
     """The full matbench_jdft2d task (636 real 2D materials), as shipped in the package."""
     from matminer.utils.io import load_dataframe_from_json
 
-    return load_dataframe_from_json(str(embedded_dataset_path("matbench_jdft2d.json.gz")), pbar=False)
+    return load_dataframe_from_json(
+        str(embedded_dataset_path("matbench_jdft2d.json.gz")), pbar=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +49,9 @@ def real_structures(jdft2d_df):
 @pytest.fixture(scope="session")
 def real_targets(jdft2d_df, real_structures):
     """Exfoliation energies (meV/atom) matching ``real_structures``."""
-    by_id = {id(s): y for s, y in zip(jdft2d_df["structure"], jdft2d_df["exfoliation_en"])}
+    by_id = {
+        id(s): y for s, y in zip(jdft2d_df["structure"], jdft2d_df["exfoliation_en"], strict=True)
+    }
     return [by_id[id(s)] for s in real_structures]
 
 
@@ -61,3 +65,19 @@ def shared_data_dir() -> Path:
         if (c / "README.md").exists():
             return c
     pytest.skip("the full data files (../shared/data) are not present on this machine")
+
+
+@pytest.fixture(scope="session")
+def perovskite_sample_task():
+    """300 real matbench_perovskites crystals (official ids, e_form target, official folds)."""
+    from matbench_dim.data import load_task
+
+    return load_task("perovskites_subset", sample=True)
+
+
+@pytest.fixture(scope="session")
+def flla_sample_task():
+    """300 real flla crystals (formation_energy_per_atom, eV/atom; seeded 5-fold KFold)."""
+    from matbench_dim.data import load_task
+
+    return load_task("flla", sample=True)

@@ -100,7 +100,10 @@ def test_global_dim_loss_matches_reference(estimator):
     site_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     gvec = torch.randn(b, 5, generator=g_gen)
     z = torch.randn(b, p, 7, generator=g_gen)
-    false = [(torch.randn(b, p, 7, generator=g_gen), site_mask), (torch.randn(b, p, 7, generator=g_gen), site_mask.roll(1, 0))]
+    false = [
+        (torch.randn(b, p, 7, generator=g_gen), site_mask),
+        (torch.randn(b, p, 7, generator=g_gen), site_mask.roll(1, 0)),
+    ]
     loss = GlobalDIMLoss(5, 7, critic_dim=8, critic_hidden=6, estimator=estimator)
     got = loss(gvec, z, site_mask, false).loss.item()
 
@@ -109,24 +112,35 @@ def test_global_dim_loss_matches_reference(estimator):
             return float(loss.f(gv[None])[0] @ loss.g(zv[None])[0])
 
     if estimator == "jsd":
-        pos = sum(
-            sum(softplus(-T(gvec[q], z[q, i])) for i in range(p) if site_mask[q, i]) / int(site_mask[q].sum())
-            for q in range(b)
-        ) / b
-        other = sum(
+        pos = (
             sum(
-                sum(softplus(T(gvec[o], z[q, i])) for o in range(b) if o != q) / (b - 1)
-                for i in range(p) if site_mask[q, i]
-            ) / int(site_mask[q].sum())
-            for q in range(b)
-        ) / b
+                sum(softplus(-T(gvec[q], z[q, i])) for i in range(p) if site_mask[q, i])
+                / int(site_mask[q].sum())
+                for q in range(b)
+            )
+            / b
+        )
+        other = (
+            sum(
+                sum(
+                    sum(softplus(T(gvec[o], z[q, i])) for o in range(b) if o != q) / (b - 1)
+                    for i in range(p)
+                    if site_mask[q, i]
+                )
+                / int(site_mask[q].sum())
+                for q in range(b)
+            )
+            / b
+        )
         fakes = []
         for zf, m in false:
             fakes.append(
                 sum(
-                    sum(softplus(T(gvec[q], zf[q, i])) for i in range(p) if m[q, i]) / int(m[q].sum())
+                    sum(softplus(T(gvec[q], zf[q, i])) for i in range(p) if m[q, i])
+                    / int(m[q].sum())
                     for q in range(b)
-                ) / b
+                )
+                / b
             )
         ref = pos + (other + sum(fakes)) / (1 + len(fakes))
     else:
@@ -153,11 +167,19 @@ def test_gaussian_kl_matches_closed_form_and_is_zero_at_prior():
     assert kl(mu, logvar).item() == pytest.approx(0.0)
     mu = torch.tensor([[1.0, -2.0]])
     logvar = torch.tensor([[0.5, -1.0]])
-    ref = sum(0.5 * (m**2 + math.exp(lv) - 1 - lv) for m, lv in zip(mu[0].tolist(), logvar[0].tolist())) / 2
+    ref = (
+        sum(
+            0.5 * (m**2 + math.exp(lv) - 1 - lv)
+            for m, lv in zip(mu[0].tolist(), logvar[0].tolist())
+        )
+        / 2
+    )
     assert kl(mu, logvar).item() == pytest.approx(ref, rel=1e-6)
     mask = torch.tensor([True, False])
     both = torch.stack([mu[0], torch.full((2,), 50.0)])
-    assert kl(both, torch.stack([logvar[0], logvar[0]]), mask).item() == pytest.approx(ref, rel=1e-6)
+    assert kl(both, torch.stack([logvar[0], logvar[0]]), mask).item() == pytest.approx(
+        ref, rel=1e-6
+    )
 
 
 def test_rolled_rows_come_from_another_crystal():

@@ -66,12 +66,18 @@ def test_sklearn_data_free_checks(cls):
 
 def test_every_config_field_is_a_parameter():
     params = SiteNetDIMRegressor().get_params()
-    internal = {("finetune", "freeze_encoder"), ("featurizer", "coulomb"), ("encoder", "site_features")}
+    internal = {
+        ("finetune", "freeze_encoder"),
+        ("featurizer", "coulomb"),
+        ("encoder", "site_features"),
+    }
     for group, cls in GROUPS.items():
         for f in fields(cls):
             if (group, f.name) in internal:
                 continue
-            assert f"{group}__{f.name}" in params, f"{group}__{f.name} is not an estimator parameter"
+            assert f"{group}__{f.name}" in params, (
+                f"{group}__{f.name} is not an estimator parameter"
+            )
             default = SiteNetDIMRegressor.__init__.__kwdefaults__[f"{group}__{f.name}"]
             assert default == f.default, f"{group}__{f.name}: {default} != {f.default}"
 
@@ -159,7 +165,9 @@ def test_pretrained_encoder_is_reused_without_pretraining_again(data, tmp_path):
     preds = []
     for seed in (0, 1):
         counter = CountEpochs()
-        est = SiteNetDIMRegressor(**TINY, encoder_init=str(path), random_state=seed, callbacks=[counter])
+        est = SiteNetDIMRegressor(
+            **TINY, encoder_init=str(path), random_state=seed, callbacks=[counter]
+        )
         est.fit(x, y)
         counts.append(counter.stages)
         preds.append(est.predict(x_unlab))
@@ -186,7 +194,12 @@ def test_representation_mode_freezes_the_encoder(data):
 
 def test_embedder_in_a_pipeline(data):
     x, y, x_unlab = data
-    pipe = Pipeline([("dim", DIMEmbedder(**EMBEDDER_TINY)), ("rf", RandomForestRegressor(n_estimators=10, random_state=0))])
+    pipe = Pipeline(
+        [
+            ("dim", DIMEmbedder(**EMBEDDER_TINY)),
+            ("rf", RandomForestRegressor(n_estimators=10, random_state=0)),
+        ]
+    )
     pipe.fit(x, y)
     pred = pipe.predict(x_unlab)
     assert pred.shape == (len(x_unlab),)

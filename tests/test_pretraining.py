@@ -13,7 +13,12 @@ from matbench_dim.model.sitenet import EncoderConfig
 from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim
 
 SMALL = EncoderConfig(
-    site_dim=32, pair_dim=32, attention_hidden=32, local_dim=16, global_hidden=32, global_dim=16,
+    site_dim=32,
+    pair_dim=32,
+    attention_hidden=32,
+    local_dim=16,
+    global_hidden=32,
+    global_dim=16,
     activation="silu",
 )
 DIM = DIMConfig(critic_dim=32, critic_hidden=32)
@@ -64,7 +69,9 @@ def test_interrupted_pretraining_resumes_to_the_same_model(records, tmp_path):
     resumed = run(records, 5, checkpoint_path=ckpt)
     assert resumed.resumed_from_epoch == 3
     assert len(resumed.history) == 5
-    for (k, a), (_, b) in zip(full.encoder.state_dict().items(), resumed.encoder.state_dict().items()):
+    for (k, a), (_, b) in zip(
+        full.encoder.state_dict().items(), resumed.encoder.state_dict().items()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     np.testing.assert_allclose(
         [h["train_dim_loss"] for h in full.history],

@@ -1,0 +1,74 @@
+"""Pair geometry of padded batches: minimum-image distances and the log-Coulomb pair feature."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+COULOMB_CLIP = 10.0
+
+_SHIFTS = torch.tensor(list(itertools.product((-1.0, 0.0, 1.0), repeat=3)), dtype=torch.float64)
+
+
+def minimum_image_distances(
+    prim_coords: torch.Tensor, super_coords: torch.Tensor, lattice: torch.Tensor
+) -> torch.Tensor:
+    """Minimum-image distances between unique sites and supercell sites.
+
+    The difference vector is expressed in fractional coordinates of the supercell lattice,
+    wrapped to [-0.5, 0.5], and the shortest of its 27 neighbouring images is taken. This is
+    exact for the LLL-reduced, near-orthorhombic lattices stored by
+    :mod:`matbench_dim.featurize`. Computed in float64; not differentiable-critical.
+
+    Parameters
+    ----------
+    prim_coords : (B, P, 3) Cartesian Angstrom.
+    super_coords : (B, S, 3) Cartesian Angstrom.
+    lattice : (B, 3, 3) supercell lattice, rows are vectors (Angstrom). Must be invertible
+        for every batch element (padded rows and columns may hold any coordinates).
+
+    Returns
+    -------
+    (B, P, S) distances in Angstrom, dtype of ``prim_coords``.
+    """
+    if prim_coords.ndim != 3 or super_coords.ndim != 3 or lattice.shape[-2:] != (3, 3):
+        raise ValueError(
+            "expected prim_coords (B, P, 3), super_coords (B, S, 3), lattice (B, 3, 3); got "
+            f"{tuple(prim_coords.shape)}, {tuple(super_coords.shape)}, {tuple(lattice.shape)}"
+        )
+    out_dtype = prim_coords.dtype
+    lat = lattice.to(torch.float64)
+    inv = torch.linalg.inv(lat)
+    # fractional coordinates first (B, P, 3) and (B, S, 3): cheaper than on every pair
+    fp = prim_coords.to(torch.float64) @ inv
+    fs = super_coords.to(torch.float64) @ inv
+    diff = fs.unsqueeze(1) - fp.unsqueeze(2)  # (B, P, S, 3)
+    diff = diff - torch.round(diff)
+    shifts = _SHIFTS.to(lat.device)
+    best = None
+    for shift in shifts:
+        cart = (diff + shift) @ lat.unsqueeze(1)  # (B, P, S, 3)
+        d2 = (cart * cart).sum(-1)
+        best = d2 if best is None else torch.minimum(best, d2)
+    return best.sqrt().to(out_dtype)
+
+
+def coulomb_features(z_i: torch.Tensor, z_j: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Clipped log-Coulomb pair feature ``min(log(Z_i Z_j / r_ij), 10)``.
+
+    The clip at 10 bounds the self pair (r = 0) and very short contacts; Z products below 1
+    (padding, Z = 0) are treated as 1 so the output is always finite.
+
+    Parameters
+    ----------
+    z_i, z_j : atomic numbers, broadcastable against ``d`` (e.g. (B, P, 1) and (B, 1, S)).
+    d : distances in Angstrom, e.g. (B, P, S).
+
+    Returns
+    -------
+    Tensor of the broadcast shape, dtype of ``d``.
+    """
+    zz = (z_i.to(d.dtype) * z_j.to(d.dtype)).clamp(min=1.0)
+    r = d.clamp(min=torch.finfo(d.dtype).tiny)
+    return (torch.log(zz) - torch.log(r)).clamp(max=COULOMB_CLIP)

@@ -1,0 +1,494 @@
+"""Featurization of real structures: supercells, site features, cache, errors, batching."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pymatgen.core import Element, Lattice, Structure
+
+from matbench_dim import elements
+from matbench_dim import featurize as fz
+from matbench_dim.featurize import (
+    CrystalRecord,
+    FeaturizationError,
+    FeaturizerConfig,
+    batch_indices,
+    collate,
+    featurize,
+    featurize_structure,
+)
+from matbench_dim.model.geometry import minimum_image_distances
+
+
+def _periodic_match(cart_a, cart_b, lattice, tol=1e-4):
+    """Index in b of each position of a (mod lattice); -1 where none within tol (Angstrom)."""
+    inv = np.linalg.inv(lattice)
+    d = cart_a[:, None, :] @ inv - cart_b[None, :, :] @ inv
+    d -= np.rint(d)
+    dist = np.linalg.norm(d @ lattice, axis=-1)
+    best = dist.argmin(1)
+    return np.where(dist[np.arange(len(cart_a)), best] < tol, best, -1)
+
+
+def _integer_matrix(record: CrystalRecord, structure: Structure) -> np.ndarray:
+    m = record.lattice.astype(np.float64) @ np.linalg.inv(structure.lattice.matrix)
+    m_int = np.rint(m)
+    assert np.abs(m - m_int).max() < 1e-4, "record lattice is not a supercell of the input"
+    return m_int.astype(int)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_config_key_is_stable_and_tracks_record_fields():
+    a, b = FeaturizerConfig(), FeaturizerConfig()
+    assert a.key() == b.key()
+    assert len(a.key()) == 16
+    assert FeaturizerConfig(max_supercell_sites=40).key() != a.key()
+    assert FeaturizerConfig(primitive=False).key() != a.key()
+    # coulomb does not change records, so it does not change the cache key
+    assert FeaturizerConfig(coulomb=True).key() == a.key()
+    assert FeaturizerConfig.from_dict(a.to_dict()) == a
+    assert a.to_dict() == {"max_supercell_sites": 50, "primitive": True, "coulomb": False}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_supercell_sites": 0}, {"max_supercell_sites": 2.5}, {"primitive": "yes"}]
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        FeaturizerConfig(**bad)
+
+
+# ------------------------------------------------------------------------------ records
+
+
+@pytest.mark.parametrize("n_max", [50, 12, 1])
+def test_supercell_size_bounds_shapes_and_dtypes(real_structures, n_max):
+    cfg = FeaturizerConfig(max_supercell_sites=n_max)
+    for i, s in enumerate(real_structures):
+        r = featurize_structure(s, cfg, name=str(i))
+        p, n_s = r.n_prim, r.n_super
+        assert p <= len(s)
+        assert len(s) % p == 0
+        assert p <= n_s <= max(n_max, p)
+        assert n_s % p == 0
+        assert r.site_features.shape == (p, elements.N_SITE_FEATURES)
+        assert r.site_features.dtype == np.float32
+        assert r.atomic_numbers.shape == (p,)
+        assert np.issubdtype(r.atomic_numbers.dtype, np.integer)
+        assert r.prim_coords.shape == (p, 3)
+        assert r.prim_coords.dtype == np.float32
+        assert r.super_coords.shape == (n_s, 3)
+        assert r.super_coords.dtype == np.float32
+        assert r.image_of.shape == (n_s,)
+        assert np.issubdtype(r.image_of.dtype, np.integer)
+        assert r.lattice.shape == (3, 3)
+        assert r.lattice.dtype == np.float32
+        assert np.bincount(r.image_of, minlength=p).tolist() == [n_s // p] * p
+        np.testing.assert_array_equal(r.prim_coords, r.super_coords[:p])
+        # volume per atom is preserved by primitive reduction and supercell construction
+        vol = abs(np.linalg.det(r.lattice.astype(np.float64)))
+        assert vol / n_s == pytest.approx(s.volume / len(s), rel=1e-4)
+
+
+def _defect(lat: np.ndarray) -> float:
+    """Orthogonality defect: product of row lengths / volume (1 for orthorhombic)."""
+    return float(np.prod(np.linalg.norm(lat, axis=1)) / abs(np.linalg.det(lat)))
+
+
+def test_supercell_is_greedy_maximal_and_more_orthogonal(real_structures):
+    """Growth stops only when one more increment on the shortest sheared axis exceeds N,
+    and the sheared supercell is at least as orthogonal as the plain diagonal one."""
+    from scipy.linalg import rq
+
+    for s in real_structures:
+        lat, n = s.lattice.matrix, len(s)
+        m = fz.supercell_matrix(lat, n, 50)
+        inc = np.diag(m)
+        r, _ = rq(lat)
+        nxt = inc.copy()
+        nxt[np.argmin(inc * np.abs(np.diag(r)))] += 1
+        assert np.prod(nxt) * n > 50 >= np.prod(inc) * n or n > 50
+        assert _defect(m @ lat) <= _defect(np.diag(inc) @ lat) + 1e-9
+
+
+def test_supercell_sites_equal_pymatgen_supercell(real_structures):
+    """Sites (positions and species) equal pymatgen's `structure * M` as periodic sets."""
+    for i, s in enumerate(real_structures):
+        r = featurize_structure(s, FeaturizerConfig(primitive=False), name=str(i))
+        m = _integer_matrix(r, s)
+        sup = s * m
+        assert len(sup) == r.n_super
+        lat = r.lattice.astype(np.float64)
+        match = _periodic_match(r.super_coords.astype(np.float64), sup.cart_coords, lat)
+        assert (match >= 0).all(), f"structure {i}: supercell site missing from pymatgen's"
+        assert len(set(match.tolist())) == r.n_super
+        z_ours = r.atomic_numbers[r.image_of]
+        np.testing.assert_array_equal(z_ours, np.array(sup.atomic_numbers)[match])
+        # each image is a lattice translate of the input cell's site it comes from
+        diff = (r.super_coords - r.prim_coords[r.image_of]).astype(np.float64)
+        frac = diff @ np.linalg.inv(s.lattice.matrix)
+        assert np.abs(frac - np.rint(frac)).max() < 1e-4
+
+
+def test_supercell_helpers_match_pymatgen_for_general_matrix(real_structures):
+    s = real_structures[5]
+    m = np.array([[1, 1, 0], [-1, 1, 0], [0, 1, 2]])
+    lat, frac, image_of = fz.supercell_sites(s.lattice.matrix, s.frac_coords, m)
+    sup = s * m
+    assert len(frac) == len(sup) == len(s) * 4
+    np.testing.assert_allclose(lat, sup.lattice.matrix, atol=1e-10)
+    assert (frac >= 0).all()
+    assert (frac < 1).all()
+    match = _periodic_match(frac @ lat, sup.cart_coords, lat)
+    assert sorted(match.tolist()) == list(range(len(sup)))
+    np.testing.assert_array_equal(
+        np.array(s.atomic_numbers)[image_of], np.array(sup.atomic_numbers)[match]
+    )
+
+
+def test_supercell_matrix_is_upper_triangular_with_unit_shear(real_structures):
+    for s in real_structures:
+        m = fz.supercell_matrix(s.lattice.matrix, len(s), 50)
+        assert m.dtype.kind == "i"
+        assert np.all(np.tril(m, -1) == 0)
+        assert 1 <= round(np.linalg.det(m)) * len(s) <= max(50, len(s))
+    big = real_structures[-1]
+    np.testing.assert_array_equal(fz.supercell_matrix(big.lattice.matrix, 60, 50), np.eye(3))
+
+
+def test_rq_shear_matches_scipy_rq(real_structures):
+    from scipy.linalg import rq
+
+    lats = np.stack([s.lattice.matrix for s in real_structures])
+    lengths, shear = fz.rq_shear(lats)
+    for lat, ln, sh in zip(lats, lengths, shear, strict=True):
+        r, q = rq(lat)
+        np.testing.assert_allclose(ln, np.abs(np.diag(r)), rtol=1e-10)
+        rinv = np.linalg.inv(r)
+        np.testing.assert_allclose(sh, rinv / np.diag(rinv)[:, None], atol=1e-10)
+        rows = sh @ lat
+        gram = rows @ rows.T
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-8)
+
+
+def test_lll_reduce_keeps_the_lattice_and_handedness():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        base = Lattice.from_parameters(*rng.uniform(3, 6, 3), *rng.uniform(70, 110, 3)).matrix
+        skew = np.array([[1, 3, -2], [0, 1, 4], [0, 0, 1]]) @ base  # same lattice, bad basis
+        red = fz.lll_reduce(skew)
+        t = red @ np.linalg.inv(skew)
+        np.testing.assert_allclose(t, np.rint(t), atol=1e-8)
+        assert round(np.linalg.det(np.rint(t))) == 1
+        assert fz._is_reduced(red[None])[0]
+        assert not fz._is_reduced(skew[None])[0]
+
+
+def test_primitive_reduction_recovers_the_cell(real_structures):
+    for s in real_structures[:12]:
+        conv = s * [2, 1, 1]
+        r_conv = featurize_structure(conv)
+        r_prim = featurize_structure(s)
+        assert r_conv.n_prim == r_prim.n_prim
+        assert sorted(r_conv.atomic_numbers.tolist()) == sorted(r_prim.atomic_numbers.tolist())
+        r_keep = featurize_structure(conv, FeaturizerConfig(primitive=False))
+        assert r_keep.n_prim == len(conv)
+
+
+def test_site_features_are_scaled_magpie_values(real_structures):
+    r = featurize_structure(real_structures[3])
+    raw = elements.raw_element_table()[r.atomic_numbers.astype(int) - 1]
+    np.testing.assert_allclose(
+        r.site_features, raw * np.array(elements.SITE_FEATURE_SCALES), rtol=1e-6
+    )
+    fe = elements.site_features([26])[0]
+    assert fe[0] == pytest.approx(2.6)
+    assert fe[2] == 4
+    assert fe[3] == 8
+    assert fe[4] == pytest.approx(7.9024, rel=1e-4)  # eV
+    assert fe[7] == pytest.approx(7.874, rel=1e-4)  # g/cm^3
+
+
+def test_site_features_finite_for_every_element():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        known = [z for z in range(1, 104) if Element.from_Z(z)]
+    feats = elements.site_features(known)
+    assert feats.shape == (103, 8)
+    assert np.isfinite(feats).all()
+    table = elements.raw_element_table()
+    assert (table[:, 0] == np.arange(1, 104)).all()
+    assert (table[:, [1, 2, 3, 6]] > 0).all()  # weights, rows, columns, radii
+    sources = elements.fill_sources()
+    assert sources[("He", "Electronegativity")] == "magpie AllenElectronegativity"
+    assert set(sources.values()) <= {
+        "pymatgen",
+        "magpie AllenElectronegativity",
+        "magpie CovalentRadius",
+        "period neighbour",
+    }
+    for bad in (0, 104, 118):
+        with pytest.raises(elements.ElementDataError, match=f"Z={bad}"):
+            elements.site_features([6, bad])
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _bad_structures():
+    lat = Lattice.cubic(4.0)
+    return {
+        "mixed": Structure(lat, [{"Fe": 0.5, "Co": 0.5}, "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "vacancy": Structure(lat, [{"Fe": 0.9}], [[0, 0, 0]]),
+        "empty": Structure(lat, [], []),
+        "overlap": Structure(lat, ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]]),
+        "nan": Structure(lat, ["Na", "Cl"], [[0, 0, 0], [np.nan, 0.5, 0.5]]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern"),
+    [
+        ("mixed", r"entry 'mixed': site 0 is disordered"),
+        ("vacancy", r"entry 'vacancy': site 0 is disordered"),
+        ("empty", r"entry 'empty': structure has no sites"),
+        ("overlap", r"entry 'overlap': overlapping atoms \(sites 0 and 1"),
+        ("nan", r"entry 'nan': non-finite"),
+    ],
+)
+def test_bad_structure_errors_name_the_entry(key, pattern):
+    with pytest.raises(FeaturizationError, match=pattern):
+        featurize_structure(_bad_structures()[key], name=key)
+
+
+def test_featurize_reports_all_bad_entries_and_keeps_good_ones(real_structures, tmp_path):
+    bad = _bad_structures()
+    structs = [real_structures[0], bad["mixed"], real_structures[1], bad["empty"], bad["overlap"]]
+    ids = ["good-a", "mixed", "good-b", "empty", "overlap"]
+    with pytest.raises(FeaturizationError) as info:
+        featurize(structs, ids=ids, cache_dir=tmp_path, progress=False)
+    err = info.value
+    assert set(err.failures) == {"mixed", "empty", "overlap"}
+    for name in ("mixed", "empty", "overlap"):
+        assert f"entry '{name}'" in str(err)
+    assert err.records[0] is not None
+    assert err.records[1] is None
+    # the good entries were cached: asking for them again featurizes nothing
+    calls = _count_calls()
+    out = featurize([real_structures[0], real_structures[1]], cache_dir=tmp_path, progress=False)
+    assert calls.stop() == 0
+    assert len(out) == 2
+    skipped = featurize(structs, ids=ids, cache_dir=tmp_path, progress=False, errors="skip")
+    assert skipped.ids == ["good-a", "good-b"]
+    assert skipped.indices == [0, 2]
+    assert set(skipped.skipped) == {"mixed", "empty", "overlap"}
+    np.testing.assert_array_equal(skipped[1].super_coords, out[1].super_coords)
+
+
+def test_featurize_rejects_bad_arguments(real_structures):
+    with pytest.raises(ValueError, match="ids"):
+        featurize(real_structures[:2], ids=["a"], progress=False)
+    with pytest.raises(ValueError, match="errors"):
+        featurize(real_structures[:2], errors="ignore", progress=False)
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+class _count_calls:
+    """Count the structures passed to the vectorised featurizer (in-process, n_jobs=1)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.orig = fz._featurize_batch
+
+        def wrapped(lattices, fracs, *args, **kwargs):
+            self.n += len(fracs)
+            return self.orig(lattices, fracs, *args, **kwargs)
+
+        fz._featurize_batch = wrapped
+
+    def stop(self) -> int:
+        fz._featurize_batch = self.orig
+        return self.n
+
+
+def _cache_root(tmp_path):
+    return tmp_path / f"sitenet-v{fz.FORMAT_VERSION}-{FeaturizerConfig().key()}"
+
+
+def _assert_same(a: list[CrystalRecord], b: list[CrystalRecord]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for f in ("site_features", "atomic_numbers", "prim_coords", "super_coords", "image_of"):
+            np.testing.assert_array_equal(getattr(ra, f), getattr(rb, f))
+            assert getattr(ra, f).dtype == getattr(rb, f).dtype
+        np.testing.assert_array_equal(ra.lattice, rb.lattice)
+
+
+def test_cache_hit_on_second_call(real_structures, tmp_path):
+    structs = real_structures[:10]
+    calls = _count_calls()
+    try:
+        first = featurize(structs + structs[:3], cache_dir=tmp_path, progress=False, chunk_size=4)
+        assert calls.n == 10  # duplicates featurized once
+        second = featurize(structs, cache_dir=tmp_path, progress=False)
+        assert calls.n == 10
+        # an index lost in an interrupted run is rebuilt from the shards
+        (_cache_root(tmp_path) / "index.npz").unlink()
+        third = featurize(structs, cache_dir=tmp_path, progress=False)
+        assert calls.n == 10
+        # a new structure is the only one featurized
+        featurize(real_structures[:11], cache_dir=tmp_path, progress=False)
+        assert calls.n == 11
+        # another config is another cache
+        featurize(
+            structs[:2],
+            FeaturizerConfig(max_supercell_sites=20),
+            cache_dir=tmp_path,
+            progress=False,
+        )
+        assert calls.n == 13
+    finally:
+        calls.stop()
+    _assert_same(first[:10], second)
+    _assert_same(second, third)
+    _assert_same(first[10:], first[:3])
+    shards = list((_cache_root(tmp_path)).glob("shard-*.npz"))
+    assert len(shards) == 3 + 1  # one shard per chunk of 4, plus the later structure
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_cache_ignores_unreadable_shard(real_structures, tmp_path):
+    featurize(real_structures[:3], cache_dir=tmp_path, progress=False)
+    root = _cache_root(tmp_path)
+    (root / "index.npz").unlink()
+    (root / "shard-garbage.npz").write_bytes(b"not a zip file")
+    calls = _count_calls()
+    try:
+        out = featurize(real_structures[:3], cache_dir=tmp_path, progress=False)
+    finally:
+        assert calls.stop() == 0
+    assert len(out) == 3
+
+
+def test_featurize_is_deterministic_and_matches_single_calls(real_structures):
+    structs = real_structures[:12]
+    a = featurize(structs, progress=False)
+    b = featurize(structs, progress=False, n_jobs=2, chunk_size=4)
+    _assert_same(a, b)
+    _assert_same(a, [featurize_structure(s) for s in structs])
+
+
+def test_unexpected_error_in_a_chunk_is_isolated_to_its_entry(real_structures, monkeypatch):
+    """A crash of the vectorised path is retried one by one, so only the culprit fails."""
+    orig = fz._featurize_batch
+    culprit = fz._structure_arrays(real_structures[2], "x")[0]
+
+    def flaky(lattices, *args, **kwargs):
+        if any(np.array_equal(lat, culprit) for lat in lattices):
+            raise RuntimeError("boom")
+        return orig(lattices, *args, **kwargs)
+
+    monkeypatch.setattr(fz, "_featurize_batch", flaky)
+    out = featurize(real_structures[:5], ids=list("abcde"), errors="skip", progress=False)
+    assert out.ids == ["a", "b", "d", "e"]
+    assert "entry 'c'" in out.skipped["c"]
+    assert "boom" in out.skipped["c"]
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def test_collate_pads_and_masks(real_structures):
+    recs = featurize(real_structures[:6], progress=False)
+    batch = collate(recs, [4, 0, 5])
+    b, p, s = 3, max(recs[i].n_prim for i in (4, 0, 5)), max(recs[i].n_super for i in (4, 0, 5))
+    assert batch.site_features.shape == (b, p, 8)
+    assert batch.site_features.dtype == torch.float32
+    assert batch.atomic_numbers.dtype == torch.long
+    assert batch.image_of.dtype == torch.long
+    assert batch.super_coords.shape == (b, s, 3)
+    assert batch.lattice.shape == (b, 3, 3)
+    assert batch.index.tolist() == [4, 0, 5]
+    assert len(batch) == 3
+    for k, i in enumerate([4, 0, 5]):
+        r = recs[i]
+        assert batch.prim_mask[k].sum() == r.n_prim
+        assert batch.super_mask[k].sum() == r.n_super
+        np.testing.assert_array_equal(batch.super_coords[k, : r.n_super].numpy(), r.super_coords)
+        np.testing.assert_array_equal(batch.image_of[k, : r.n_super].numpy(), r.image_of)
+        assert not batch.site_features[k, r.n_prim :].any()
+    moved = batch.to("cpu")
+    assert torch.equal(moved.super_coords, batch.super_coords)
+    with pytest.raises(ValueError, match="empty"):
+        collate(recs, [])
+
+
+def test_batch_indices_cover_everything_within_budget():
+    rng = np.random.default_rng(0)
+    sizes = [*rng.integers(1, 60, size=500).tolist(), 1500]
+    for shuffle in (False, True):
+        batches = batch_indices(sizes, max_sites=300, shuffle=shuffle, seed=1)
+        flat = sorted(i for b in batches for i in b)
+        assert flat == list(range(len(sizes)))
+        for b in batches:
+            assert sum(sizes[i] for i in b) <= 300 or len(b) == 1
+        assert [500] in batches
+    a = batch_indices(sizes, 300, shuffle=True, seed=3)
+    assert a == batch_indices(sizes, 300, shuffle=True, seed=3)
+    assert a != batch_indices(sizes, 300, shuffle=True, seed=4)
+
+    # bucketing keeps crystals of similar size together: less padding than random batches
+    def pad(batches):
+        return sum(len(b) * max(sizes[i] for i in b) for b in batches) / sum(sizes)
+
+    assert pad(a) < 1.25
+    assert batch_indices([], 10) == []
+    with pytest.raises(ValueError):
+        batch_indices([3, 0], 10)
+
+
+# ------------------------------------------------------------------------------ property test
+
+
+@st.composite
+def _random_structures(draw):
+    lengths = [draw(st.floats(2.5, 8.0)) for _ in range(3)]
+    angles = [draw(st.floats(60.0, 120.0)) for _ in range(3)]
+    lat = Lattice.from_parameters(*lengths, *angles)
+    assume(np.isfinite(lat.volume) and lat.volume > 0.3 * math.prod(lengths))
+    n = draw(st.integers(1, 8))
+    frac = [[draw(st.floats(0.0, 1.0, exclude_max=True)) for _ in range(3)] for _ in range(n)]
+    zs = [draw(st.integers(1, 103)) for _ in range(n)]
+    s = Structure(lat, zs, frac)
+    if n > 1:
+        dm = s.distance_matrix + np.eye(n) * 10
+        assume(dm.min() > 0.5)
+    return s
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(structure=_random_structures(), n_max=st.sampled_from([50, 8]))
+def test_random_valid_structures_featurize(structure, n_max):
+    r = featurize_structure(structure, FeaturizerConfig(max_supercell_sites=n_max))
+    assert np.isfinite(r.site_features).all()
+    assert r.n_prim <= r.n_super <= max(n_max, r.n_prim)
+    batch = collate([r])
+    d = minimum_image_distances(batch.prim_coords, batch.super_coords, batch.lattice)[0].numpy()
+    assert np.isfinite(d).all()
+    sup = Structure(
+        r.lattice.astype(np.float64),
+        r.atomic_numbers[r.image_of].tolist(),
+        r.super_coords.astype(np.float64),
+        coords_are_cartesian=True,
+    )
+    np.testing.assert_allclose(d, sup.distance_matrix[: r.n_prim], atol=1e-5)
