@@ -1,0 +1,89 @@
+"""Deep InfoMax pretraining of the Site-Net crystal encoder, as a scikit-learn estimator that
+runs inside the matbench benchmark.
+
+The public API is re-exported here and imported lazily on first use, so ``import
+matbench_dim`` stays fast (torch, pymatgen, matbench and MLflow load only when needed)::
+
+    from matbench_dim import SiteNetDIMRegressor, load_task, run_grid
+
+- estimators: :class:`SiteNetDIMRegressor`, :class:`DIMEmbedder`, :class:`PretrainedEncoder`
+  (:mod:`matbench_dim.estimator`);
+- data: :class:`Task`, :func:`load_task`, :func:`load_cif_dataset`,
+  :func:`task_from_structures` (:mod:`matbench_dim.data`);
+- the label-masking benchmark: :func:`run_grid`, :func:`make_method`, :func:`draw_subset`
+  (:mod:`matbench_dim.protocol`) and :func:`write_report` (:mod:`matbench_dim.report`);
+- tracking: :func:`setup_tracking`, :func:`download_encoder` (:mod:`matbench_dim.tracking`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = metadata.version("matbench-dim")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+_EXPORTS: dict[str, str] = {
+    "SiteNetDIMRegressor": "matbench_dim.estimator",
+    "DIMEmbedder": "matbench_dim.estimator",
+    "PretrainedEncoder": "matbench_dim.estimator",
+    "Task": "matbench_dim.data",
+    "load_task": "matbench_dim.data",
+    "load_cif_dataset": "matbench_dim.data",
+    "task_from_structures": "matbench_dim.data",
+    "task_from_dataframe": "matbench_dim.data",
+    "run_grid": "matbench_dim.protocol",
+    "make_method": "matbench_dim.protocol",
+    "draw_subset": "matbench_dim.protocol",
+    "write_report": "matbench_dim.report",
+    "setup_tracking": "matbench_dim.tracking",
+    "download_encoder": "matbench_dim.tracking",
+}
+
+__all__ = [
+    "DIMEmbedder",
+    "PretrainedEncoder",
+    "SiteNetDIMRegressor",
+    "Task",
+    "__version__",
+    "download_encoder",
+    "draw_subset",
+    "load_cif_dataset",
+    "load_task",
+    "make_method",
+    "run_grid",
+    "setup_tracking",
+    "task_from_dataframe",
+    "task_from_structures",
+    "write_report",
+]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first access
+    from matbench_dim.data import (
+        Task,
+        load_cif_dataset,
+        load_task,
+        task_from_dataframe,
+        task_from_structures,
+    )
+    from matbench_dim.estimator import DIMEmbedder, PretrainedEncoder, SiteNetDIMRegressor
+    from matbench_dim.protocol import draw_subset, make_method, run_grid
+    from matbench_dim.report import write_report
+    from matbench_dim.tracking import download_encoder, setup_tracking
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first access (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'matbench_dim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

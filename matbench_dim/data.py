@@ -366,7 +366,14 @@ def _as_structures(items: Sequence[Any], ids: Sequence[str]) -> list[Structure]:
         raise TypeError(f"entries that are not pymatgen Structures: {format_ids(bad, quote=False)}")
     disordered = [i for i, s in zip(ids, out, strict=True) if not s.is_ordered]
     if disordered:
-        logger.warning("disordered (partial occupancy) structures: %s", format_ids(disordered))
+        logger.warning(
+            "%d disordered (partial occupancy or mixed-species) structures kept: %s. Site-Net "
+            "featurization rejects them (FeaturizationError naming each); composition "
+            "baselines accept them. Order them first (e.g. pymatgen's "
+            "OrderDisorderedStructureTransformation) or drop them to use Site-Net methods",
+            len(disordered),
+            format_ids(disordered),
+        )
     return out
 
 

@@ -94,7 +94,14 @@ def as_targets(y: Any, n: int) -> np.ndarray:
     try:
         arr = np.asarray(y, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"y must be numeric: {exc}") from exc
+        values = list(y.values) if isinstance(y, pd.Series) else list(y)
+        bad_at = [i for i, v in enumerate(values) if v is not None and not _is_number(v)]
+        shown = [f"{ids[i] if ids else i} ({values[i]!r})" for i in bad_at[:10]]
+        raise ValueError(
+            f"y must be numeric: {len(bad_at)} non-numeric targets, e.g. at {', '.join(shown)}"
+            if bad_at
+            else f"y must be numeric: {exc}"
+        ) from exc
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -106,6 +113,14 @@ def as_targets(y: Any, n: int) -> np.ndarray:
         where = [ids[i] for i in bad[:10]] if ids else bad[:10].tolist()
         raise ValueError(f"y has {len(bad)} non-finite targets (NaN/inf), e.g. at {where}")
     return arr
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class _DIMParamsMixin:
@@ -368,9 +383,9 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         pretrain__checkpoint: str | None = None,
         finetune__epochs: int = 300,
         finetune__batch_sites: int = 400,
-        finetune__val_fraction: float = 0.1,
-        finetune__patience: int = 50,
-        finetune__lr: float | None = 1e-3,
+        finetune__val_fraction: float = 0.2,
+        finetune__patience: int = 100,
+        finetune__lr: float | None = 3e-4,
         finetune__loss: str = "mse",
         finetune__head_hidden: int = 64,
         finetune__grad_clip: float = 10.0,
@@ -606,7 +621,7 @@ def _union(
     seen: dict[str, int] = {}
     pool: list[CrystalRecord] = []
     probe: list[float] = []
-    for rec, t in [*zip(records, targets), *((r, np.nan) for r in extra)]:
+    for rec, t in [*zip(records, targets, strict=True), *((r, np.nan) for r in extra)]:
         key = records_fingerprint([rec])
         if key in seen:
             continue

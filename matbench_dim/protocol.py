@@ -10,29 +10,27 @@ For each task and selected fold:
    training ids (so subsets are nested in ``n``), the method is fitted on them and predicts
    the fold's whole test set;
 3. the cell is saved (:mod:`matbench_dim.results`) and, for matbench tasks, recorded in its
-   own ``MatbenchBenchmark`` file per (method, n, seed) (:mod:`matbench_dim.matbench_io`).
+   own ``MatbenchBenchmark`` file per (method, n, seed) (:mod:`matbench_dim.recording`);
+4. with ``tracking=True`` every pretraining and every cell leaves an MLflow run, nested
+   under one parent run per (task, grid invocation) (:mod:`matbench_dim.recording`).
 
 No test id may reach pretraining or fitting: :func:`check_disjoint` raises
 :class:`LeakageError` before each pretraining and each fit. Early stopping and model
 selection happen inside a method's ``fit`` on the ids it is given, so they never see test ids.
 
-Cells are independent; they run through joblib (``n_jobs`` local processes) or, with
-``backend="dask"``, on a Dask cluster through joblib's dask backend. Finished cells (their
+Cells are independent; they run (:mod:`matbench_dim.cells`) through joblib (``n_jobs``
+local processes) or, with ``backend="dask"``, on a Dask cluster through joblib's dask backend. Finished cells (their
 JSON exists) are skipped, so a re-run resumes an interrupted grid.
 
-Methods plug in through the small :class:`Method` interface (``build`` an unfitted
-estimator with ``fit(X, y)`` / ``predict(X)``; optionally ``pretrain`` once per fold).
+Methods plug in through :class:`matbench_dim.methods.Method` (re-exported here with the
+method adapters and :func:`make_method`).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import hashlib
+import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,15 +41,38 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from matbench_dim import recording as rec
 from matbench_dim import results as res
-from matbench_dim.data import Task, format_ids, load_task
+from matbench_dim.cells import (
+    Cell,
+    TaskRef,
+    data_sha256,
+    pretrain_paths,
+    resolve_task,
+    run_cell,
+    run_pretrain,
+)
+from matbench_dim.data import Task, format_ids
+from matbench_dim.methods import (
+    BASELINE_NAMES,
+    METHOD_NAMES,
+    SITENET_NAMES,
+    EstimatorMethod,
+    Method,
+    SiteNetMethod,
+    baseline_method,
+    make_method,
+)
+from matbench_dim.recording import matbench_params, matbench_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BASELINE_NAMES",
     "DEFAULT_N_LABELS",
     "DEFAULT_SEEDS",
     "METHOD_NAMES",
+    "SITENET_NAMES",
     "Cell",
     "EstimatorMethod",
     "GridSummary",
@@ -62,7 +83,9 @@ __all__ = [
     "baseline_method",
     "check_disjoint",
     "draw_subset",
+    "grid_cells",
     "make_method",
+    "matbench_params",
     "matbench_path",
     "pretraining_pool",
     "run_grid",
@@ -139,123 +162,7 @@ def pretraining_pool(
     return pool[keep]
 
 
-# --------------------------------------------------------------------------- methods
-
-
-class Method:
-    """How the grid runs one method. Subclass and override :meth:`build` (and, for methods
-    with label-free or supervised pretraining, :meth:`pretrain` and ``pretrain_key``).
-
-    Attributes
-    ----------
-    name
-        Method name used in paths and tables (``rf_magpie``, ``dim``, ...).
-    mode
-        ``"baseline"``, ``"transfer"`` (fine-tune a network) or ``"representation"``
-        (a regressor on frozen vectors).
-    pretrain_key
-        ``None`` for methods without pretraining. Methods with the same key share one
-        pretrained artefact per (task, fold) (``dim`` and ``dim_rf``).
-    featurizer
-        Name of a :class:`matbench_dim.baselines.FeatureCache` featurizer the method uses;
-        the grid computes it once per task entry and shares it with the workers.
-    """
-
-    name: str = ""
-    mode: str = "baseline"
-    pretrain_key: str | None = None
-    featurizer: str | None = None
-
-    def build(self, random_state: int, pretrained: Path | None) -> Any:
-        """An unfitted estimator with ``fit(X, y)`` and ``predict(X) -> (n,)``.
-
-        ``X`` is a ``pd.Series`` of structures indexed by id; ``pretrained`` is the artefact
-        written by :meth:`pretrain` for this fold (``None`` without pretraining).
-        """
-        raise NotImplementedError
-
-    def pretrain(self, X: pd.Series, path: Path, random_state: int, task: Task, fold: int) -> None:
-        """Pretrain on the structures ``X`` (no labels of the task's target) and save to ``path``."""
-        raise NotImplementedError(f"method {self.name!r} has no pretraining")
-
-    def get_params(self) -> dict[str, Any]:
-        """Hyperparameters to record (JSON-serialisable)."""
-        return {}
-
-    def pretrain_params(self) -> dict[str, Any]:
-        """The parameters that shape the pretrained artefact (the same for every method
-        sharing ``pretrain_key``); recorded in its manifest."""
-        return self.get_params()
-
-    def for_run(self, out: Path) -> Method:
-        """The method as used by a grid writing to ``out`` (e.g. with a cache folder there)."""
-        return self
-
-
-# --------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class TaskRef:
-    """A task that workers load themselves (cheap to send): ``load_task(name, target)``."""
-
-    name: str
-    target: str | None = None
-    data_home: str | None = None
-
-
-@functools.lru_cache(maxsize=4)
-def _load_cached(ref: TaskRef) -> Task:
-    return load_task(ref.name, target=ref.target, data_home=ref.data_home)
-
-
-def _resolve_task(ref: TaskRef | Task) -> Task:
-    return ref if isinstance(ref, Task) else _load_cached(ref)
-
-
-def _data_sha256(task: Task) -> str:
-    sha = task.provenance.get("sha256")
-    if sha:
-        return str(sha)
-    h = hashlib.sha256()
-    h.update(res.ids_sha256(task.ids).encode())
-    if task.targets is not None:
-        h.update(np.asarray(task.targets, dtype=np.float64).tobytes())
-    for train, test in task.folds:
-        h.update(res.ids_sha256(train).encode())
-        h.update(res.ids_sha256(test).encode())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- cells
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One grid cell."""
-
-    task: str
-    target: str
-    fold: int
-    method: str
-    n: int
-    seed: int
-
-    def paths(self, out: str | Path) -> tuple[Path, Path]:
-        """``(json, predictions)`` paths under ``out``."""
-        return res.cell_paths(
-            out, self.task, self.target, self.method, self.n, self.fold, self.seed
-        )
-
-
-@dataclass
-class CellOutput:
-    """What a worker sends back: the saved result and the test predictions (for recording)."""
-
-    cell: Cell
-    result: res.CellResult
-    test_ids: list[str]
-    predictions: np.ndarray
+# --------------------------------------------------------------------------- the grid
 
 
 @dataclass
@@ -269,440 +176,15 @@ class GridSummary:
     n_recorded: int = 0
     wall_s: float = 0.0
     out: Path = field(default_factory=Path)
+    tracking_runs: dict[str, str] = field(default_factory=dict)
+    """MLflow parent run id per ``"<task>/<target>"`` (tracked tasks with cells run)."""
 
     def results(self) -> pd.DataFrame:
         """Every cell under ``out`` (see :func:`matbench_dim.results.load_results`)."""
         return res.load_results(self.out)
 
 
-def _pretrain_paths(out: Path, task: Task, fold: int, key: str) -> tuple[Path, Path]:
-    folder = (
-        out
-        / "pretrained"
-        / res.safe_name(task.name)
-        / res.safe_name(task.target_name)
-        / f"fold{fold}"
-    )
-    return folder / res.safe_name(key), folder / f"{res.safe_name(key)}.json"
-
-
-def _run_pretrain(
-    task_ref: TaskRef | Task,
-    method: Method,
-    fold: int,
-    max_train_structures: int | None,
-    artefact: str,
-    manifest_path: str,
-) -> dict[str, Any]:
-    """Pretrain ``method`` for one fold (worker side); write the artefact, then its manifest
-    (whose presence marks the pretraining as done)."""
-    task = _resolve_task(task_ref)
-    where = f"task {task.name} fold {fold}"
-    pool_all = task.unlabelled_structures(fold)
-    pool = pretraining_pool(list(pool_all.index), max_train_structures, fold)
-    check_disjoint(pool, task.test_ids(fold), stage="pretraining", where=where)
-    path = Path(artefact)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    t0 = time.perf_counter()
-    method.pretrain(pool_all.loc[pool], tmp, random_state=int(fold), task=task, fold=fold)
-    if path.is_dir():  # left by a run that died before writing the manifest
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    os.replace(tmp, path)
-    manifest = {
-        "task": task.name,
-        "target": task.target_name,
-        "fold": fold,
-        "pretrain_key": method.pretrain_key,
-        "n_pretrain": len(pool),
-        "max_train_structures": max_train_structures,
-        "pool_sha256": res.ids_sha256(pool),
-        "random_state": int(fold),
-        "wall_s": time.perf_counter() - t0,
-        "params": method.pretrain_params(),
-    }
-    res.atomic_write_text(manifest_path, json.dumps(manifest, indent=1, default=str))
-    logger.info("pretrained %s for %s on %d structures", method.pretrain_key, where, len(pool))
-    return manifest
-
-
-def _run_cell(
-    task_ref: TaskRef | Task,
-    method: Method,
-    cell: Cell,
-    out: str,
-    pretrained: str | None,
-    n_pretrain: int,
-    max_train_structures: int | None,
-    feature_files: Sequence[str],
-) -> CellOutput:
-    """Fit one cell on its labelled subset, predict the fold's test set, save (worker side)."""
-    from matbench_dim.baselines import get_cache
-
-    task = _resolve_task(task_ref)
-    where = f"task {task.name} fold {cell.fold} method {cell.method} n={cell.n} seed={cell.seed}"
-    test_ids = task.test_ids(cell.fold)
-    subset = draw_subset(task.train_ids(cell.fold), cell.n, cell.fold, cell.seed)
-    check_disjoint(subset, test_ids, stage="fitting", where=where)
-    if method.featurizer is not None:
-        cache = get_cache(method.featurizer)
-        for path in feature_files:
-            cache.update_from(path)
-    X_train, y_train = task.structures.loc[subset], task.targets.loc[subset]
-    X_test = task.test_inputs(cell.fold)
-    t0 = time.perf_counter()
-    estimator = method.build(
-        random_state=cell.seed, pretrained=None if pretrained is None else Path(pretrained)
-    )
-    estimator.fit(X_train, y_train.to_numpy(dtype=float))
-    predictions = np.asarray(estimator.predict(X_test), dtype=np.float64).ravel()
-    wall = time.perf_counter() - t0
-    if predictions.shape != (len(test_ids),):
-        raise ValueError(
-            f"{where}: {predictions.shape} predictions for {len(test_ids)} test entries"
-        )
-    y_true = task.test_targets(cell.fold).loc[test_ids].to_numpy(dtype=float)
-    metrics = res.regression_metrics(y_true, predictions)
-    params = {
-        "method": method.get_params(),
-        "subset_seed": 1000 * cell.fold + cell.seed,
-        "pretrained": pretrained,
-        "pretrain_random_state": cell.fold if pretrained else None,
-    }
-    result = res.CellResult(
-        task=cell.task,
-        target=cell.target,
-        fold=cell.fold,
-        method=cell.method,
-        mode=method.mode,
-        n=cell.n,
-        seed=cell.seed,
-        n_test=len(test_ids),
-        n_pretrain=n_pretrain,
-        max_train_structures=max_train_structures,
-        wall_s=wall,
-        params=params,
-        subset_sha256=res.ids_sha256(subset),
-        data_sha256=_data_sha256(task),
-        versions=res.library_versions(),
-        **metrics,
-    )
-    res.write_cell(out, result, list(test_ids), y_true, predictions)
-    logger.info("%s: MAE %.4g (%.1f s)", where, result.mae, wall)
-    return CellOutput(cell, result, [str(i) for i in test_ids], predictions)
-
-
-# --------------------------------------------------------------------------- method adapters
-
-
-def _json_safe(params: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
-        for k, v in sorted(params.items())
-    }
-
-
-class EstimatorMethod(Method):
-    """A method that is a scikit-learn-style estimator, cloned and seeded for every cell.
-
-    Parameters
-    ----------
-    name
-        Method name.
-    estimator
-        Unfitted estimator with ``fit(X, y)`` / ``predict(X)``; its ``random_state`` (when it
-        has one) is set to the cell's seed.
-    featurizer
-        Descriptor the estimator reads from the shared feature cache (``None``: none).
-    """
-
-    def __init__(self, name: str, estimator: Any, featurizer: str | None = None) -> None:
-        self.name = name
-        self.estimator = estimator
-        self.featurizer = featurizer
-
-    def build(self, random_state: int, pretrained: Path | None) -> Any:
-        from sklearn.base import clone
-
-        est = clone(self.estimator)
-        if "random_state" in est.get_params():
-            est.set_params(random_state=random_state)
-        return est
-
-    def get_params(self) -> dict[str, Any]:
-        params = _json_safe(self.estimator.get_params())
-        if "random_state" in params:
-            params["random_state"] = "cell seed"
-        return {"estimator": type(self.estimator).__name__, **params}
-
-
-BASELINE_NAMES = ("dummy_mean", "zero", "median", "rf_magpie", "rf_sine_coulomb")
-SITENET_NAMES = ("dim", "random_init", "transfer", "dim_rf", "random_rf")
-METHOD_NAMES = BASELINE_NAMES + SITENET_NAMES
-
-
-def baseline_method(name: str, **params: Any) -> EstimatorMethod:
-    """A baseline of :mod:`matbench_dim.baselines` by method name; ``params`` go to the
-    estimator (e.g. ``n_estimators=50``)."""
-    from matbench_dim import baselines as bl
-
-    factories: dict[str, tuple[Any, str | None]] = {
-        "dummy_mean": (bl.DummyMeanRegressor, None),
-        "zero": (bl.ConstantRegressor, None),
-        "median": (bl.MedianRegressor, None),
-        "rf_magpie": (lambda **kw: bl.FeaturizedForest("magpie", **kw), "magpie"),
-        "rf_sine_coulomb": (lambda **kw: bl.FeaturizedForest("sine_coulomb", **kw), "sine_coulomb"),
-    }
-    if name not in factories:
-        raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")
-    factory, featurizer = factories[name]
-    return EstimatorMethod(name, factory(**params), featurizer)
-
-
-_RUNTIME_KEYS = frozenset({"cache_dir", "n_jobs", "verbose", "callbacks"})
-"""Estimator parameters that do not change a pretrained encoder (left out of its key)."""
-
-
-class SiteNetMethod(Method):
-    """Site-Net methods through :mod:`matbench_dim.estimator`.
-
-    ``dim``: DIM-pretrain once per fold on the unlabelled pool, fine-tune on the n labels;
-    ``random_init``: fine-tune from random weights; ``transfer``: supervised pretraining on
-    ``transfer_target`` (the fold's training entries labelled with it), then fine-tune;
-    ``dim_rf`` / ``random_rf``: a random forest (200 trees, seeded) on frozen global vectors of
-    the DIM-pretrained / randomly initialised encoder.
-
-    Parameters
-    ----------
-    name
-        One of :data:`SITENET_NAMES`.
-    estimator_params
-        ``SiteNetDIMRegressor`` / ``DIMEmbedder`` keywords (``pretrain__epochs``, ...).
-        Keywords the embedder does not take (``finetune__*``, ``mode``) are not passed to it.
-    transfer_target
-        Target of the same task used for ``transfer`` pretraining (e.g. ``"gap"``).
-    n_estimators
-        Trees of the representation forests.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        estimator_params: dict[str, Any] | None = None,
-        transfer_target: str | None = None,
-        n_estimators: int = 200,
-    ) -> None:
-        if name not in SITENET_NAMES:
-            raise ValueError(f"unknown Site-Net method {name!r}; choose from {SITENET_NAMES}")
-        if name == "transfer" and not transfer_target:
-            raise ValueError(
-                "method 'transfer' needs transfer_target (the property to pretrain on)"
-            )
-        self.name = name
-        self.estimator_params = dict(estimator_params or {})
-        self.transfer_target = transfer_target
-        self.n_estimators = n_estimators
-        self.mode = "representation" if name.endswith("_rf") else "transfer"
-        self.cache_dir: str | None = None
-        semantic = {k: v for k, v in self.estimator_params.items() if k not in _RUNTIME_KEYS}
-        digest = hashlib.sha256(
-            json.dumps(_json_safe(semantic), sort_keys=True).encode()
-        ).hexdigest()[:10]
-        if name in ("dim", "dim_rf"):
-            self.pretrain_key = f"dim-{digest}"
-        elif name == "transfer":
-            self.pretrain_key = f"transfer-{res.safe_name(transfer_target or '')}-{digest}"
-        else:
-            self.pretrain_key = None
-
-    def for_run(self, out: Path) -> SiteNetMethod:
-        """A copy whose estimators cache featurized crystals under ``out/cache`` (unless the
-        estimator parameters name a ``cache_dir``), so each crystal is featurized once per run."""
-        method = copy.copy(self)
-        if "cache_dir" not in self.estimator_params:
-            method.cache_dir = str(Path(out) / "cache")
-        return method
-
-    def _params(self, cls: type, random_state: int, **extra: Any) -> dict[str, Any]:
-        accepted = cls().get_params(deep=False)
-        kw = {k: v for k, v in self.estimator_params.items() if k in accepted}
-        if self.cache_dir is not None:
-            kw["cache_dir"] = self.cache_dir
-        unknown = set(self.estimator_params) - set(accepted)
-        if unknown and cls.__name__ == "SiteNetDIMRegressor":
-            raise ValueError(f"{self.name}: unknown estimator parameters {sorted(unknown)}")
-        return {**kw, "random_state": random_state, **extra}
-
-    def pretrain(self, X: pd.Series, path: Path, random_state: int, task: Task, fold: int) -> None:
-        from matbench_dim.estimator import PretrainedEncoder, SiteNetDIMRegressor
-
-        kw = self._params(SiteNetDIMRegressor, random_state)
-        if self.name in ("dim", "dim_rf"):
-            SiteNetDIMRegressor(**kw).pretrain(X).save_encoder(path)
-            return
-        other = load_task(task.name, target=self.transfer_target)
-        if other.targets is None:
-            raise ValueError(
-                f"task {task.name}: no labels for transfer target {self.transfer_target!r}"
-            )
-        ids = [i for i in X.index if i in other.targets.index]
-        check_disjoint(
-            ids,
-            task.test_ids(fold),
-            stage="transfer pretraining",
-            where=f"task {task.name} fold {fold}",
-        )
-        if not ids:
-            raise ValueError(
-                f"task {task.name} fold {fold}: no pretraining entry has {self.transfer_target!r}"
-            )
-        est = SiteNetDIMRegressor(**kw).fit(
-            X.loc[ids], other.targets.loc[ids].to_numpy(dtype=float)
-        )
-        info = {"transfer_target": other.target_name, "n_pretrain": len(ids)}
-        PretrainedEncoder.from_module(est.model_.encoder, info).save(path)
-
-    def build(self, random_state: int, pretrained: Path | None) -> Any:
-        from sklearn.ensemble import RandomForestRegressor
-        from sklearn.pipeline import Pipeline
-
-        from matbench_dim.estimator import DIMEmbedder, SiteNetDIMRegressor
-
-        if self.pretrain_key is not None and pretrained is None:
-            raise ValueError(f"method {self.name!r} needs its pretrained encoder")
-        init = None if pretrained is None else str(pretrained)
-        if self.mode == "transfer":
-            return SiteNetDIMRegressor(
-                **self._params(SiteNetDIMRegressor, random_state, encoder_init=init)
-            )
-        embed_kw = self._params(
-            DIMEmbedder, random_state, encoder_init=init, random_init=init is None
-        )
-        forest = RandomForestRegressor(
-            n_estimators=self.n_estimators, random_state=random_state, n_jobs=1
-        )
-        return Pipeline([("embed", DIMEmbedder(**embed_kw)), ("rf", forest)])
-
-    def pretrain_params(self) -> dict[str, Any]:
-        semantic = {k: v for k, v in self.estimator_params.items() if k not in _RUNTIME_KEYS}
-        out = {"estimator_params": _json_safe(semantic), "pretrain_key": self.pretrain_key}
-        if self.transfer_target:
-            out["transfer_target"] = self.transfer_target
-        return out
-
-    def get_params(self) -> dict[str, Any]:
-        out = {
-            "estimator_params": _json_safe(self.estimator_params),
-            "pretrain_key": self.pretrain_key,
-        }
-        if self.transfer_target:
-            out["transfer_target"] = self.transfer_target
-        if self.mode == "representation":
-            out["n_estimators"] = self.n_estimators
-        return out
-
-
-def make_method(name: str | Method, **params: Any) -> Method:
-    """A :class:`Method` from its name (:data:`METHOD_NAMES`); a ``Method`` is returned as is.
-
-    ``params`` go to :func:`baseline_method` (estimator keywords) or :class:`SiteNetMethod`
-    (``estimator_params``, ``transfer_target``, ``n_estimators``).
-    """
-    if isinstance(name, Method):
-        return name
-    if name in BASELINE_NAMES:
-        return baseline_method(name, **params)
-    if name in SITENET_NAMES:
-        return SiteNetMethod(name, **params)
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
-
-
-# --------------------------------------------------------------------------- matbench files
-
-
-def matbench_path(out: str | Path, task: str, method: str, n: int, seed: int) -> Path:
-    """The ``MatbenchBenchmark`` results file of one (task, method, n, seed) under ``out``.
-
-    Plain JSON (what ``MatbenchBenchmark.from_file`` reads), written atomically.
-    """
-    return (
-        Path(out)
-        / "matbench"
-        / res.safe_name(task)
-        / res.safe_name(method)
-        / f"n{n}_seed{seed}.json"
-    )
-
-
-def matbench_params(cell: Cell, result: res.CellResult, subset: Sequence[str]) -> dict[str, Any]:
-    """The ``params`` recorded with a fold: subset ids, seed, hyperparameters, provenance."""
-    return {
-        "method": cell.method,
-        "mode": result.mode,
-        "n_labels": cell.n,
-        "seed": cell.seed,
-        "subset_ids": [str(i) for i in subset],
-        "subset_sha256": result.subset_sha256,
-        "n_pretrain": result.n_pretrain,
-        "max_train_structures": -1
-        if result.max_train_structures is None
-        else result.max_train_structures,
-        "hyperparameters": result.params,
-        "versions": result.versions,
-    }
-
-
-class _MatbenchRecorder:
-    """Records finished cells of matbench tasks, one benchmark file per (method, n, seed).
-
-    Only the process that runs :func:`run_grid` writes these files (workers never do), so
-    cells of different folds that share a file cannot race.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self._open: dict[Path, Any] = {}
-
-    def _benchmark(self, task: Task, cell: Cell) -> tuple[Path, Any]:
-        from matbench_dim import matbench_io
-
-        path = matbench_path(self.out, task.name, cell.method, cell.n, cell.seed)
-        if path not in self._open:
-            self._open[path] = (
-                matbench_io.load_benchmark(path, task)
-                if path.exists()
-                else matbench_io.new_benchmark(task)
-            )
-        return path, self._open[path]
-
-    def is_recorded(self, task: Task, cell: Cell) -> bool:
-        """Whether the cell's fold is already in its benchmark file."""
-        _, mb = self._benchmark(task, cell)
-        return bool(mb.tasks_map[task.name].is_recorded[cell.fold])
-
-    def record(self, task: Task, cell: Cell, output: CellOutput) -> bool:
-        """Record and save unless already recorded; return whether it recorded."""
-        from matbench_dim import matbench_io
-
-        path, mb = self._benchmark(task, cell)
-        if mb.tasks_map[task.name].is_recorded[cell.fold]:
-            return False
-        subset = draw_subset(task.train_ids(cell.fold), cell.n, cell.fold, cell.seed)
-        predictions = pd.Series(output.predictions, index=output.test_ids)
-        params = matbench_params(cell, output.result, subset)
-        matbench_io.record(mb, task.name, cell.fold, predictions, params=params)
-        matbench_io.save_benchmark(mb, path)
-        return True
-
-
-# --------------------------------------------------------------------------- the grid
-
-
 def _parallel_context(n_jobs: int, backend: str, scheduler_address: str | None) -> Any:
-    import contextlib
-
     stack = contextlib.ExitStack()
     if backend == "dask":
         from dask.distributed import Client
@@ -778,6 +260,8 @@ def run_grid(
     scheduler_address: str | None = None,
     record_matbench: bool = True,
     data_home: str | None = None,
+    tracking_uri: str | None = None,
+    tracking: bool = True,
 ) -> GridSummary:
     """Run (or resume) the label-masking grid; return what was done.
 
@@ -804,6 +288,13 @@ def run_grid(
         ``out``, which must then be on a filesystem the Dask workers share.
     record_matbench
         Record matbench tasks in ``MatbenchBenchmark`` files (one per method, n, seed).
+    tracking_uri, tracking
+        MLflow store (:func:`matbench_dim.tracking.resolve_tracking_uri`: the argument, else
+        ``$MLFLOW_TRACKING_URI``, else ``./mlruns``). With ``tracking`` (the default), each
+        task with cells to run gets a parent run in its experiment
+        (:func:`~matbench_dim.tracking.task_experiment`) and every pretraining and cell a
+        child run (:mod:`matbench_dim.recording`). With Dask workers on other machines the
+        store must be reachable from them (a server, or SQLite on a shared filesystem).
 
     Raises
     ------
@@ -824,23 +315,9 @@ def run_grid(
     names = [m.name for m in method_objs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate method names: {names}")
+    prepared = [_prepare_task(_as_task_ref(t, data_home), folds, n_labels) for t in tasks]
     summary = GridSummary(out=out)
-    recorder = _MatbenchRecorder(out)
-    prepared = []
-    for task_arg in tasks:
-        ref = _as_task_ref(task_arg, data_home)
-        task = _resolve_task(ref)
-        task_folds = list(range(task.n_folds)) if folds is None else [int(f) for f in folds]
-        for fold in task_folds:
-            n_train = len(task.train_ids(fold))
-            too_big = [n for n in n_labels if n > n_train]
-            if too_big:
-                raise ValueError(
-                    f"task {task.name} fold {fold} has {n_train} labelled training entries; "
-                    f"n_labels {too_big} exceed it"
-                )
-        prepared.append((ref, task, task_folds))
-
+    recorder = rec.MatbenchRecorder(out)
     pending: list[tuple[TaskRef | Task, Task, Method, Cell]] = []
     for ref, task, task_folds in prepared:
         for cell in grid_cells(task, task_folds, method_objs, n_labels, seeds):
@@ -857,9 +334,79 @@ def run_grid(
     logger.info(
         "grid: %d cells, %d done, %d to run", summary.n_cells, summary.n_skipped, len(pending)
     )
-    if not pending:
-        summary.wall_s = time.perf_counter() - t_start
-        return summary
+    if pending:
+        settings = {
+            "folds": folds,
+            "n_labels": list(n_labels),
+            "seeds": list(seeds),
+            "methods": names,
+            "max_train_structures": max_train_structures,
+            "n_jobs": n_jobs,
+            "backend": backend,
+            "out": str(out.resolve()),
+            "method_params": {m.name: m.get_params() for m in method_objs},
+        }
+        with contextlib.ExitStack() as stack:
+            runs = rec.GridRuns(stack, tracking_uri, tracking, names, settings)
+            for _, task, _, _ in pending:
+                runs.open(task, data_sha256(task))
+            _run_pending(
+                pending,
+                out,
+                summary,
+                recorder if record_matbench else None,
+                runs,
+                max_train_structures,
+                n_jobs,
+                backend,
+                scheduler_address,
+            )
+            summary.tracking_runs = runs.finish(out)
+    summary.wall_s = time.perf_counter() - t_start
+    logger.info(
+        "grid done: %d run, %d skipped, %d pretrained, %.1f s",
+        summary.n_run,
+        summary.n_skipped,
+        summary.n_pretrained,
+        summary.wall_s,
+    )
+    return summary
+
+
+def _prepare_task(
+    ref: TaskRef | Task, folds: Sequence[int] | None, n_labels: Sequence[int]
+) -> tuple[TaskRef | Task, Task, list[int]]:
+    """Load a task and check every ``n`` against every selected fold before any work."""
+    task = resolve_task(ref)
+    task_folds = list(range(task.n_folds)) if folds is None else [int(f) for f in folds]
+    for fold in task_folds:
+        n_train = len(task.train_ids(fold))
+        too_big = [n for n in n_labels if n > n_train]
+        if too_big:
+            raise ValueError(
+                f"task {task.name} fold {fold} has {n_train} labelled training entries; "
+                f"n_labels {too_big} exceed it"
+            )
+    return ref, task, task_folds
+
+
+def _task_key(task: Task) -> tuple[str, str]:
+    return task.name, task.target_name
+
+
+def _run_pending(
+    pending: Sequence[tuple[TaskRef | Task, Task, Method, Cell]],
+    out: Path,
+    summary: GridSummary,
+    recorder: rec.MatbenchRecorder | None,
+    runs: rec.GridRuns,
+    max_train_structures: int | None,
+    n_jobs: int,
+    backend: str,
+    scheduler_address: str | None,
+) -> None:
+    """Pretrain what the pending cells need, then run the cells (joblib or Dask), recording
+    each finished cell of a matbench task as it arrives."""
 
     feature_files: dict[tuple[int, str], list[str]] = {}
     for _ref, task, method, _ in pending:
@@ -875,7 +422,7 @@ def run_grid(
         for ref, task, method, cell in pending:
             if method.pretrain_key is None:
                 continue
-            artefact, manifest = _pretrain_paths(out, task, cell.fold, method.pretrain_key)
+            artefact, manifest = pretrain_paths(out, task, cell.fold, method.pretrain_key)
             key = (id(task), cell.fold, method.pretrain_key)
             if key in pre_paths:
                 continue
@@ -884,8 +431,14 @@ def run_grid(
                 _check_same_settings(manifest, method, max_train_structures, cell=False)
             else:
                 pre_jobs.append(
-                    joblib.delayed(_run_pretrain)(
-                        ref, method, cell.fold, max_train_structures, str(artefact), str(manifest)
+                    joblib.delayed(run_pretrain)(
+                        ref,
+                        method,
+                        cell.fold,
+                        max_train_structures,
+                        str(artefact),
+                        str(manifest),
+                        *runs.child_args(task),
                     )
                 )
         if pre_jobs:
@@ -900,7 +453,7 @@ def run_grid(
                 pretrained = str(artefact)
                 n_pretrain = int(json.loads(manifest.read_text())["n_pretrain"])
             cell_jobs.append(
-                joblib.delayed(_run_cell)(
+                joblib.delayed(run_cell)(
                     ref,
                     method,
                     cell,
@@ -909,23 +462,24 @@ def run_grid(
                     n_pretrain,
                     max_train_structures,
                     feature_files[(id(task), method.name)],
+                    *runs.child_args(task),
                 )
             )
-        tasks_by_name = {(t.name, t.target_name): t for _, t, _ in prepared}
+        tasks_by_key = {_task_key(t): t for _, t, _, _ in pending}
         for output in joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(cell_jobs):
             summary.n_run += 1
-            task = tasks_by_name[(output.cell.task, output.cell.target)]
-            if record_matbench and task.is_matbench:
-                summary.n_recorded += recorder.record(task, output.cell, output)
-    summary.wall_s = time.perf_counter() - t_start
-    logger.info(
-        "grid done: %d run, %d skipped, %d pretrained, %.1f s",
-        summary.n_run,
-        summary.n_skipped,
-        summary.n_pretrained,
-        summary.wall_s,
-    )
-    return summary
+            task = tasks_by_key[(output.cell.task, output.cell.target)]
+            if recorder is not None and task.is_matbench:
+                predictions = pd.Series(output.predictions, index=output.test_ids)
+                subset = draw_subset(
+                    task.train_ids(output.cell.fold),
+                    output.cell.n,
+                    output.cell.fold,
+                    output.cell.seed,
+                )
+                summary.n_recorded += recorder.record(
+                    task, output.cell, output.result, predictions, subset
+                )
 
 
 def _check_same_settings(
@@ -952,9 +506,10 @@ def _check_same_settings(
         )
 
 
-def _record_saved(recorder: _MatbenchRecorder, task: Task, cell: Cell, json_path: Path) -> bool:
+def _record_saved(recorder: rec.MatbenchRecorder, task: Task, cell: Cell, json_path: Path) -> bool:
     """Record a cell whose JSON exists but whose matbench record was lost (interrupted run)."""
     result = res.read_cell(json_path)
     preds = res.load_predictions(json_path)
-    output = CellOutput(cell, result, preds["id"].tolist(), preds["y_pred"].to_numpy(float))
-    return recorder.record(task, cell, output)
+    predictions = pd.Series(preds["y_pred"].to_numpy(float), index=preds["id"].tolist())
+    subset = draw_subset(task.train_ids(cell.fold), cell.n, cell.fold, cell.seed)
+    return recorder.record(task, cell, result, predictions, subset)

@@ -119,9 +119,9 @@ class FinetuneConfig:
 
     epochs: int = 300
     batch_sites: int = 400
-    val_fraction: float = 0.1
-    patience: int = 50
-    lr: float | None = 1e-3
+    val_fraction: float = 0.2
+    patience: int = 100
+    lr: float | None = 3e-4
     loss: str = "mse"
     head_hidden: int = 64
     freeze_encoder: bool = False
@@ -364,6 +364,10 @@ def pretrain_dim(
     ckpt_path = Path(checkpoint_path) if checkpoint_path else None
     resumed = -1
     if ckpt_path is not None:
+        from matbench_dim.results import check_writable
+
+        # an unusable folder fails now, not after the first (possibly hour-long) epoch
+        check_writable(ckpt_path.parent, min_free_bytes=0)
         ckpt = _load_checkpoint(ckpt_path, fingerprint)
         if ckpt is not None:
             encoder.load_state_dict(ckpt["encoder"])

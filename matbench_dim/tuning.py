@@ -402,11 +402,11 @@ def resolve_storage(
 
 
 def make_pruner(pruner: str | optuna.pruners.BasePruner | None = "median") -> Any:
-    """``"median"`` (5 startup trials, 3 warm-up steps), ``"halving"``, ``"none"`` or a pruner."""
+    """``"median"`` (after 5 trials and 10 warm-up epochs), ``"halving"``, ``"none"`` or a pruner."""
     if isinstance(pruner, optuna.pruners.BasePruner):
         return pruner
     if pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=10)
     if pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     if pruner in (None, "none"):
@@ -420,6 +420,10 @@ def make_pruner(pruner: str | optuna.pruners.BasePruner | None = "median") -> An
 class OptunaPruningCallback(Callback):
     """Report ``logs[monitor]`` to an Optuna trial after each epoch and prune when told.
 
+    By default the best value so far is reported: the estimator keeps its best checkpoint, and
+    the running minimum is far less noisy than one epoch's loss on a validation split of a few
+    crystals. A non-finite value prunes at once.
+
     Parameters
     ----------
     trial
@@ -430,6 +434,8 @@ class OptunaPruningCallback(Callback):
         Only report this stage (``None``: both).
     step_offset
         Added to the epoch index, so several fits of one trial (inner folds) use distinct steps.
+    best_so_far
+        Report the running minimum of ``monitor`` (``False``: the epoch's own value).
     """
 
     def __init__(
@@ -438,11 +444,17 @@ class OptunaPruningCallback(Callback):
         monitor: str = "val_loss",
         stage: str | None = "finetune",
         step_offset: int = 0,
+        best_so_far: bool = True,
     ) -> None:
         self.trial = trial
         self.monitor = monitor
         self.stage = stage
         self.step_offset = step_offset
+        self.best_so_far = best_so_far
+        self.best_ = math.inf
+
+    def on_train_begin(self, stage: str, state: TrainingState) -> None:
+        self.best_ = math.inf
 
     def on_epoch_end(
         self, stage: str, epoch: int, logs: dict[str, float], state: TrainingState
@@ -455,7 +467,8 @@ class OptunaPruningCallback(Callback):
         step = self.step_offset + epoch
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"{self.monitor} is not finite at step {step}")
-        self.trial.report(float(value), step)
+        self.best_ = min(self.best_, float(value))
+        self.trial.report(self.best_ if self.best_so_far else float(value), step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} ({self.monitor}={value:.4g})")
 
@@ -733,25 +746,49 @@ class InnerCVObjective:
 
     def _evaluate(self, params: dict[str, Any], trial: optuna.Trial | None, run: Any) -> float:
         t0 = time.perf_counter()
-        if self.X_pretrain is not None:
-            encoder, hit = self.cache.get_or_pretrain(
-                self.factory, params, self.X_pretrain, self.pretrain_ids
-            )
-            params["encoder_init"] = str(encoder)
-            if trial is not None:
-                trial.set_user_attr("encoder_key", encoder.parent.name)
-                trial.set_user_attr("encoder_cache_hit", hit)
-        t_fit = time.perf_counter()
         maes: list[float] = []
         curves: list[Any] = []
+        try:
+            if self.X_pretrain is not None:
+                encoder, hit = self.cache.get_or_pretrain(
+                    self.factory, params, self.X_pretrain, self.pretrain_ids
+                )
+                params["encoder_init"] = str(encoder)
+                if trial is not None:
+                    trial.set_user_attr("encoder_key", encoder.parent.name)
+                    trial.set_user_attr("encoder_cache_hit", hit)
+            t_fit = time.perf_counter()
+            self._fit_splits(params, trial, run, maes, curves)
+        finally:  # also for pruned and failed trials
+            if trial is not None:
+                trial.set_user_attr("inner_maes", maes)
+                trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+                trial.set_user_attr("estimator_params", _jsonable(params | {"encoder_init": None}))
+        value = float(np.mean(maes))
+        if trial is not None:
+            trial.set_user_attr("inner_mae_std", float(np.std(maes)))
+            trial.set_user_attr("fit_seconds", round(time.perf_counter() - t_fit, 3))
+        if run is not None:
+            run.log_metrics({"inner/mae": value, "inner/mae_std": float(np.std(maes))})
+            _log_learning_curves(run, curves)
+        return value
+
+    def _fit_splits(
+        self,
+        params: dict[str, Any],
+        trial: optuna.Trial | None,
+        run: Any,
+        maes: list[float],
+        curves: list[Any],
+    ) -> None:
+        """Fit and score every inner split, appending to ``maes`` and ``curves``."""
         for k, split in enumerate(self.splits):
             kwargs = dict(params)
             if self.epoch_callbacks:
                 cbs = list(kwargs.get("callbacks") or [])
                 if trial is not None:
-                    cbs.append(
-                        OptunaPruningCallback(trial, self.monitor, step_offset=k * self.step_stride)
-                    )
+                    offset = k * self.step_stride
+                    cbs.append(OptunaPruningCallback(trial, self.monitor, step_offset=offset))
                 if run is not None:
                     cbs.append(run.callback(prefix=f"split{k}/"))
                 kwargs["callbacks"] = cbs
@@ -768,17 +805,6 @@ class InnerCVObjective:
                 trial.report(float(np.mean(maes)), k)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after inner split {k}")
-        value = float(np.mean(maes))
-        if trial is not None:
-            trial.set_user_attr("inner_maes", maes)
-            trial.set_user_attr("inner_mae_std", float(np.std(maes)))
-            trial.set_user_attr("fit_seconds", round(time.perf_counter() - t_fit, 3))
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
-            trial.set_user_attr("estimator_params", _jsonable(params | {"encoder_init": None}))
-        if run is not None:
-            run.log_metrics({"inner/mae": value, "inner/mae_std": float(np.std(maes))})
-            _log_learning_curves(run, curves)
-        return value
 
 
 def _finetune_history(history: Any) -> list[Mapping[str, float]]:

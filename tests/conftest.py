@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MATBENCH_DIM_NUM_THREADS", "1")
+
+# Never let a test write into the repository's mlruns/: default MLflow store for the session.
+_MLRUNS_TMP = tempfile.mkdtemp(prefix="matbench-dim-mlruns-")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_MLRUNS_TMP}/mlflow.db")
 
 import torch
 

@@ -138,22 +138,6 @@ def test_supercell_sites_equal_pymatgen_supercell(real_structures):
         assert np.abs(frac - np.rint(frac)).max() < 1e-4
 
 
-def test_supercell_helpers_match_pymatgen_for_general_matrix(real_structures):
-    s = real_structures[5]
-    m = np.array([[1, 1, 0], [-1, 1, 0], [0, 1, 2]])
-    lat, frac, image_of = fz.supercell_sites(s.lattice.matrix, s.frac_coords, m)
-    sup = s * m
-    assert len(frac) == len(sup) == len(s) * 4
-    np.testing.assert_allclose(lat, sup.lattice.matrix, atol=1e-10)
-    assert (frac >= 0).all()
-    assert (frac < 1).all()
-    match = _periodic_match(frac @ lat, sup.cart_coords, lat)
-    assert sorted(match.tolist()) == list(range(len(sup)))
-    np.testing.assert_array_equal(
-        np.array(s.atomic_numbers)[image_of], np.array(sup.atomic_numbers)[match]
-    )
-
-
 def test_supercell_matrix_is_upper_triangular_with_unit_shear(real_structures):
     for s in real_structures:
         m = fz.supercell_matrix(s.lattice.matrix, len(s), 50)
@@ -170,7 +154,7 @@ def test_rq_shear_matches_scipy_rq(real_structures):
     lats = np.stack([s.lattice.matrix for s in real_structures])
     lengths, shear = fz.rq_shear(lats)
     for lat, ln, sh in zip(lats, lengths, shear, strict=True):
-        r, q = rq(lat)
+        r, _ = rq(lat)
         np.testing.assert_allclose(ln, np.abs(np.diag(r)), rtol=1e-10)
         rinv = np.linalg.inv(r)
         np.testing.assert_allclose(sh, rinv / np.diag(rinv)[:, None], atol=1e-10)
@@ -217,6 +201,27 @@ def test_site_features_are_scaled_magpie_values(real_structures):
     assert fe[7] == pytest.approx(7.874, rel=1e-4)  # g/cm^3
 
 
+def test_element_that_cannot_be_filled_raises_naming_it(monkeypatch):
+    """With no data anywhere for a property, the table build names the property and element."""
+    real = elements._read_magpie_table
+
+    def no_density(name):
+        out = real(name)
+        if name == "Density":
+            out[[25]] = np.nan  # Fe
+            out[elements._read_magpie_table("Row") == 4] = np.nan  # and its whole row
+        return out
+
+    monkeypatch.setattr(elements, "_read_magpie_table", no_density)
+    monkeypatch.setattr(elements, "_pymatgen_value", lambda name, z: math.nan)
+    elements._build.cache_clear()
+    try:
+        with pytest.raises(elements.ElementDataError, match=r"Density of K \(Z=19\)"):
+            elements._build()
+    finally:
+        elements._build.cache_clear()
+
+
 def test_site_features_finite_for_every_element():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -240,6 +245,45 @@ def test_site_features_finite_for_every_element():
             elements.site_features([6, bad])
 
 
+def test_pure_translation_detection_matches_a_direct_check(real_structures):
+    def direct(lat, frac, z):
+        for i in range(1, len(z)):
+            d = frac[None] - (frac[:, None] + frac[i] - frac[0])
+            d -= np.rint(d)
+            c = d @ lat
+            ok = (np.einsum("abk,abk->ab", c, c) < 0.02**2) & (z[:, None] == z[None])
+            if z[i] == z[0] and ok.any(1).all():
+                return True
+        return False
+
+    cells = [*real_structures, *(s * [1, 2, 1] for s in real_structures[:10])]
+    _, lat, fracs, zs, _ = fz._read_structures(cells, [str(i) for i in range(len(cells))])
+    n = np.array([len(z) for z in zs])
+    got = fz._pure_translations(lat, np.concatenate(fracs), np.concatenate(zs), n, max_pairs=64)
+    want = [direct(lt, f, z) for lt, f, z in zip(lat, fracs, zs, strict=True)]
+    assert got.tolist() == want
+    assert got[len(real_structures) :].all()
+
+
+def test_primitive_cells_of_shared_phonons_match_pymatgen(shared_data_dir):
+    """Real phonon structures: spglib-reduced cells have pymatgen's primitive size."""
+    from matminer.utils.io import load_dataframe_from_json
+
+    df = load_dataframe_from_json(str(shared_data_dir / "matbench_phonons.json.gz"), pbar=False)
+    structs = list(df["structure"])
+    _, lat, fracs, zs, _ = fz._read_structures(structs, [str(i) for i in range(len(structs))])
+    n = np.array([len(z) for z in zs])
+    flagged = np.flatnonzero(
+        fz._pure_translations(lat, np.concatenate(fracs), np.concatenate(zs), n)
+    )
+    assert 0 < len(flagged) < 50
+    rng = np.random.default_rng(0)
+    picks = [*flagged[:6].tolist(), *rng.choice(len(structs), 10, replace=False).tolist()]
+    recs = featurize([structs[i] for i in picks], progress=False)
+    for i, r in zip(picks, recs, strict=True):
+        assert r.n_prim == len(structs[i].get_primitive_structure(tolerance=0.02))
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -251,6 +295,10 @@ def _bad_structures():
         "empty": Structure(lat, [], []),
         "overlap": Structure(lat, ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]]),
         "nan": Structure(lat, ["Na", "Cl"], [[0, 0, 0], [np.nan, 0.5, 0.5]]),
+        "heavy": Structure(lat, ["Na", "Og"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "self": Structure(Lattice.tetragonal(0.05, 4.0), ["Na"], [[0, 0, 0]]),
+        "not-a-structure": "NaCl",
+        "flat": Structure(Lattice([[3, 0, 0], [0, 3, 0], [3, 3, 0]]), ["Na"], [[0, 0, 0]]),
     }
 
 
@@ -262,6 +310,10 @@ def _bad_structures():
         ("empty", r"entry 'empty': structure has no sites"),
         ("overlap", r"entry 'overlap': overlapping atoms \(sites 0 and 1"),
         ("nan", r"entry 'nan': non-finite"),
+        ("heavy", r"entry 'heavy': site 1 \(Og\) has Z=118"),
+        ("self", r"entry 'self': overlapping atoms \(a lattice vector is 0.05"),
+        ("not-a-structure", r"entry 'not-a-structure': expected a pymatgen Structure"),
+        ("flat", r"entry 'flat': degenerate lattice"),
     ],
 )
 def test_bad_structure_errors_name_the_entry(key, pattern):
@@ -291,6 +343,20 @@ def test_featurize_reports_all_bad_entries_and_keeps_good_ones(real_structures, 
     assert skipped.indices == [0, 2]
     assert set(skipped.skipped) == {"mixed", "empty", "overlap"}
     np.testing.assert_array_equal(skipped[1].super_coords, out[1].super_coords)
+
+
+def test_every_bad_entry_of_a_batch_is_reported_once(real_structures):
+    bad = _bad_structures()
+    names = list(bad)
+    structs = [
+        s for pair in zip(real_structures[: len(bad)], bad.values(), strict=True) for s in pair
+    ]
+    ids = [x for i, name in enumerate(names) for x in (f"good-{i}", name)]
+    out = featurize(structs, ids=ids, errors="skip", progress=False)
+    assert set(out.skipped) == set(names)
+    assert out.ids == [f"good-{i}" for i in range(len(bad))]
+    for name, msg in out.skipped.items():
+        assert msg.startswith(f"entry {name!r}")
 
 
 def test_featurize_rejects_bad_arguments(real_structures):
@@ -367,6 +433,37 @@ def test_cache_hit_on_second_call(real_structures, tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+def test_interrupted_run_keeps_finished_chunks(real_structures, tmp_path, monkeypatch):
+    orig = fz._featurize_chunk
+    seen = []
+
+    def dying(chunk, config):
+        seen.append(len(chunk[0]))
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return orig(chunk, config)
+
+    monkeypatch.setattr(fz, "_featurize_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(real_structures[:12], cache_dir=tmp_path, chunk_size=4, progress=False)
+    monkeypatch.setattr(fz, "_featurize_chunk", orig)
+    assert len(list(_cache_root(tmp_path).glob("shard-*.npz"))) == 1
+    calls = _count_calls()
+    try:
+        out = featurize(real_structures[:12], cache_dir=tmp_path, progress=False)
+    finally:
+        assert calls.stop() == 8  # the first chunk of 4 came from the cache
+    _assert_same(out, featurize(real_structures[:12], progress=False))
+
+
+def test_featurization_error_pickles():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(FeaturizationError("entry 'a': bad", {"a": "bad"})))
+    assert str(err) == "entry 'a': bad"
+    assert err.failures == {"a": "bad"}
+
+
 def test_cache_ignores_unreadable_shard(real_structures, tmp_path):
     featurize(real_structures[:3], cache_dir=tmp_path, progress=False)
     root = _cache_root(tmp_path)
@@ -391,7 +488,7 @@ def test_featurize_is_deterministic_and_matches_single_calls(real_structures):
 def test_unexpected_error_in_a_chunk_is_isolated_to_its_entry(real_structures, monkeypatch):
     """A crash of the vectorised path is retried one by one, so only the culprit fails."""
     orig = fz._featurize_batch
-    culprit = fz._structure_arrays(real_structures[2], "x")[0]
+    culprit = real_structures[2].lattice.matrix
 
     def flaky(lattices, *args, **kwargs):
         if any(np.array_equal(lat, culprit) for lat in lattices):

@@ -1,8 +1,10 @@
-"""The label-masking grid: subsets, leak checks, resume, cell files, backends, methods."""
+"""The label-masking grid: subsets, leak checks, resume, cell files, backends, methods, and
+the MLflow runs each grid leaves (parent per task, child per pretraining and per cell)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,49 @@ from matbench_dim.protocol import (
     pretraining_pool,
     run_grid,
 )
+
+
+def run_cells(*args, **kwargs):
+    """``run_grid``, tracked only when a test names a store (``tracking_uri``)."""
+    kwargs.setdefault("tracking", "tracking_uri" in kwargs)
+    return run_grid(*args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_store(monkeypatch, tmp_path):
+    """No inherited MLflow store; a stray default store would land in a temporary folder."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow SQLite store (creating its tables takes seconds)."""
+    from matbench_dim.tracking import setup_tracking
+
+    db = tmp_path_factory.mktemp("template_store") / "mlflow.db"
+    setup_tracking(f"sqlite:///{db}", "warm-up")
+    return db
+
+
+@pytest.fixture
+def store(empty_store, tmp_path) -> str:
+    """A fresh copy of the empty store for one test; its tracking URI."""
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(empty_store, db)
+    return f"sqlite:///{db}"
+
+
+def _runs(uri: str, task: str) -> list:
+    """Every run of the task's experiment."""
+    from mlflow import MlflowClient
+
+    from matbench_dim.tracking import task_experiment
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(task_experiment(task))
+    return client.search_runs([exp.experiment_id], max_results=1000)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +158,10 @@ def test_pretraining_pool_cap(small_task):
 
 def test_grid_rejects_too_large_n_before_any_work(small_task, tmp_path):
     with pytest.raises(ValueError, match=r"n_labels \[500\] exceed"):
-        run_grid([small_task], tmp_path, n_labels=[10, 500], seeds=[0], methods=["dummy_mean"])
+        run_cells([small_task], tmp_path, n_labels=[10, 500], seeds=[0], methods=["dummy_mean"])
     assert not list(tmp_path.rglob("*.json"))
     with pytest.raises(ValueError, match="unknown method"):
-        run_grid([small_task], tmp_path, n_labels=[10], methods=["dmi"])
+        run_cells([small_task], tmp_path, n_labels=[10], methods=["dmi"])
 
 
 # --------------------------------------------------------------------------- leaks
@@ -140,14 +185,14 @@ def test_leak_stops_pretraining_and_fitting(small_task, tmp_path):
     leaky, _ = _leaky_copy(small_task)
     PretrainSpy.seen = []
     with pytest.raises(LeakageError, match="pretraining"):
-        run_grid(
+        run_cells(
             [leaky], tmp_path / "a", folds=[0], n_labels=[10], seeds=[0], methods=[PretrainSpy()]
         )
     assert PretrainSpy.seen == []
     CountingMethod.fits = []
     # n=121 is the whole leaky training set, so the subset holds the test id
     with pytest.raises(LeakageError, match="fitting"):
-        run_grid(
+        run_cells(
             [leaky],
             tmp_path / "b",
             folds=[0],
@@ -161,7 +206,7 @@ def test_leak_stops_pretraining_and_fitting(small_task, tmp_path):
 
 def test_pretraining_sees_only_training_ids(small_task, tmp_path):
     PretrainSpy.seen = []
-    summary = run_grid(
+    summary = run_cells(
         [small_task],
         tmp_path,
         folds=[0, 1],
@@ -185,10 +230,10 @@ def test_pretraining_sees_only_training_ids(small_task, tmp_path):
 
 def test_resume_refuses_other_settings(small_task, tmp_path):
     grid = {"folds": [0], "n_labels": [10], "seeds": [0]}
-    run_grid([small_task], tmp_path, methods=[PretrainSpy()], max_train_structures=50, **grid)
+    run_cells([small_task], tmp_path, methods=[PretrainSpy()], max_train_structures=50, **grid)
     with pytest.raises(ValueError, match=r"other settings.*max_train_structures 50 vs 40"):
-        run_grid([small_task], tmp_path, methods=[PretrainSpy()], max_train_structures=40, **grid)
-    run_grid(
+        run_cells([small_task], tmp_path, methods=[PretrainSpy()], max_train_structures=40, **grid)
+    run_cells(
         [small_task],
         tmp_path / "rf",
         methods=["rf_magpie"],
@@ -196,7 +241,7 @@ def test_resume_refuses_other_settings(small_task, tmp_path):
         method_params={"rf_magpie": {"n_estimators": 5}},
     )
     with pytest.raises(ValueError, match=r"other settings.*method parameters"):
-        run_grid(
+        run_cells(
             [small_task],
             tmp_path / "rf",
             methods=["rf_magpie"],
@@ -211,12 +256,12 @@ def test_resume_after_interruption(small_task, tmp_path):
     method = CountingMethod()
     method.fail_on = (20, 1)  # dies on the (n=20, seed=1) cell of fold 0
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        run_grid([small_task], tmp_path, methods=[method], **grid)
+        run_cells([small_task], tmp_path, methods=[method], **grid)
     done_first = len(CountingMethod.fits)
     assert done_first == 4  # fold 0: n=10 x 3 seeds, then n=20 seed 0
     assert len(res.load_results(tmp_path)) == done_first
 
-    summary = run_grid([small_task], tmp_path, methods=[method], **grid)
+    summary = run_cells([small_task], tmp_path, methods=[method], **grid)
     assert summary.n_cells == 12
     assert summary.n_skipped == done_first
     assert summary.n_run == len(CountingMethod.fits) - done_first == 12 - done_first
@@ -225,14 +270,14 @@ def test_resume_after_interruption(small_task, tmp_path):
     for path in cells[:3]:
         path.unlink()
     before = len(CountingMethod.fits)
-    summary = run_grid([small_task], tmp_path, methods=[method], **grid)
+    summary = run_cells([small_task], tmp_path, methods=[method], **grid)
     assert (summary.n_run, summary.n_skipped) == (3, 9)
     assert len(CountingMethod.fits) - before == 3
     assert len(res.load_results(tmp_path)) == 12
 
 
 def test_cell_files_are_consistent(small_task, tmp_path):
-    run_grid([small_task], tmp_path, folds=[3], n_labels=[30], seeds=[4], methods=["dummy_mean"])
+    run_cells([small_task], tmp_path, folds=[3], n_labels=[30], seeds=[4], methods=["dummy_mean"])
     table = res.load_results(tmp_path)
     assert len(table) == 1
     row = table.iloc[0]
@@ -261,8 +306,8 @@ def test_joblib_processes_match_sequential(small_task, tmp_path):
         "seeds": [0, 1],
         "methods": ["dummy_mean", "median"],
     }
-    run_grid([small_task], tmp_path / "seq", n_jobs=1, **grid)
-    run_grid([small_task], tmp_path / "par", n_jobs=2, backend="loky", **grid)
+    run_cells([small_task], tmp_path / "seq", n_jobs=1, **grid)
+    run_cells([small_task], tmp_path / "par", n_jobs=2, backend="loky", **grid)
     a, b = res.load_results(tmp_path / "seq"), res.load_results(tmp_path / "par")
     assert len(a) == len(b) == 16
     np.testing.assert_allclose(a["mae"], b["mae"], rtol=1e-12)
@@ -280,7 +325,7 @@ def test_dask_backend_on_local_cluster(small_task, tmp_path):
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster:
-        summary = run_grid(
+        summary = run_cells(
             [small_task],
             tmp_path / "dask",
             backend="dask",
@@ -288,7 +333,7 @@ def test_dask_backend_on_local_cluster(small_task, tmp_path):
             **grid,
         )
     assert summary.n_run == 8
-    run_grid([small_task], tmp_path / "seq", **grid)
+    run_cells([small_task], tmp_path / "seq", **grid)
     a, b = res.load_results(tmp_path / "dask"), res.load_results(tmp_path / "seq")
     np.testing.assert_allclose(a["mae"], b["mae"], rtol=1e-12)
 
@@ -306,24 +351,18 @@ def test_method_registry():
         make_method("transfer")
 
 
-def test_sitenet_methods_run_on_a_sample(tmp_path):
-    """DIM, random-init, transfer and representation methods through the real estimator."""
+def test_sitenet_methods_run_on_a_sample(tmp_path, store):
+    """DIM, random-init, transfer and representation methods through the real estimator,
+    each cell and each pretraining leaving a FINISHED MLflow run with per-epoch curves."""
     task = load_task("sample:perovskites_subset")
     tiny = {"pretrain__epochs": 1, "finetune__epochs": 2, "finetune__patience": 0, "device": "cpu"}
     methods = ["dim", "random_init", "dim_rf", "random_rf", "transfer"]
     params = {m: {"estimator_params": tiny} for m in methods}
     params["transfer"]["transfer_target"] = "gap"
     params["dim_rf"]["n_estimators"] = params["random_rf"]["n_estimators"] = 10
-    summary = run_grid(
-        [task],
-        tmp_path,
-        folds=[0],
-        n_labels=[8],
-        seeds=[0],
-        methods=methods,
-        method_params=params,
-        max_train_structures=30,
-    )
+    grid = {"folds": [0], "n_labels": [8], "seeds": [0], "methods": methods}
+    grid.update(method_params=params, max_train_structures=30, tracking_uri=store)
+    summary = run_cells([task], tmp_path, **grid)
     assert summary.n_pretrained == 2  # one DIM encoder shared by dim and dim_rf, one transfer
     table = summary.results().set_index("method")
     assert np.isfinite(table["mae"]).all()
@@ -331,36 +370,102 @@ def test_sitenet_methods_run_on_a_sample(tmp_path):
     assert table.loc["random_init", "n_pretrain"] == 0
     assert table.loc["dim_rf", "mode"] == "representation"
     assert any((tmp_path / "cache").iterdir())  # crystals featurized once, then cached
-    assert (
-        run_grid(
-            [task],
+
+    runs = _runs(store, task.name)
+    parent_id = summary.tracking_runs[f"{task.name}/e_form"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 1 + 2 + 5  # parent, two pretrainings, five cells
+    children = {r.info.run_id: r for r in runs if r.info.run_id != parent_id}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parent_id}
+    cells = {r.data.tags["method"]: r for r in children.values() if r.data.tags["kind"] == "cell"}
+    assert set(cells) == set(methods)
+    for method, run in cells.items():
+        mine = table.loc[method]
+        assert run.data.tags["mode"] == mine["mode"]
+        assert run.info.run_id == mine["params"]["mlflow_run_id"]
+        assert run.data.metrics["test/mae"] == pytest.approx(mine["mae"], rel=1e-9)
+        assert run.data.metrics["test/rmse"] == pytest.approx(mine["rmse"], rel=1e-9)
+        assert run.data.metrics["test/max_error"] == pytest.approx(mine["max_error"], rel=1e-9)
+        assert (run.data.params["data.n"], run.data.params["data.seed"]) == ("8", "0")
+        assert run.data.params["data.sha256"] == mine["data_sha256"]
+    dim = cells["dim"].data.params
+    assert dim["pretrain__epochs"] == "1"
+    assert dim["encoder_init"] == table.loc["dim", "params"]["pretrained"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    history = client.get_metric_history(cells["dim"].info.run_id, "finetune/val_loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    ids_file = client.download_artifacts(
+        cells["random_init"].info.run_id, "data/subset_ids.json", str(tmp_path / "ids")
+    )
+    ids = json.loads(Path(ids_file).read_text())
+    assert ids["train"] == list(draw_subset(task.train_ids(0), 8, 0, 0))
+    assert ids["test"] == list(task.test_ids(0))
+    pretrains = [r for r in children.values() if r.data.tags["kind"] == "pretrain"]
+    dim_pre = next(r for r in pretrains if r.data.tags["method"] in ("dim", "dim_rf"))
+    assert len(client.get_metric_history(dim_pre.info.run_id, "pretrain/train_dim_loss")) == 1
+    assert {a.path for a in client.list_artifacts(dim_pre.info.run_id)} >= {"encoder", "data"}
+    parent = client.get_run(parent_id)
+    assert parent.data.params["grid.n_labels"] == "[8]"
+    assert parent.data.metrics["grid/n_cells_run"] == 5
+    assert {a.path for a in client.list_artifacts(parent_id, "figures")} == {
+        "figures/learning_curve.png"
+    }
+
+    again = run_cells([task], tmp_path, **grid)
+    assert (again.n_run, again.tracking_runs) == (0, {})
+    assert len(_runs(store, task.name)) == len(runs)  # nothing to run, nothing recorded
+
+
+def test_crashed_cell_ends_its_run_and_the_parent_failed(small_task, tmp_path, store):
+    CountingMethod.fits = []
+    method = CountingMethod()
+    method.fail_on = (20, 0)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run_cells(
+            [small_task],
             tmp_path,
             folds=[0],
-            n_labels=[8],
+            n_labels=[10, 20],
             seeds=[0],
-            methods=methods,
-            method_params=params,
-            max_train_structures=30,
-        ).n_run
-        == 0
-    )
+            methods=[method],
+            tracking_uri=store,
+        )
+    runs = _runs(store, small_task.name)
+    status = sorted((r.data.tags["kind"], r.data.tags.get("n"), r.info.status) for r in runs)
+    assert status == [
+        ("cell", "10", "FINISHED"),
+        ("cell", "20", "FAILED"),
+        ("grid", None, "FAILED"),
+    ]
+    failed = next(r for r in runs if r.data.tags.get("n") == "20")
+    assert "RuntimeError: simulated interruption" in failed.data.tags["matbench_dim.error"]
 
 
 # --------------------------------------------------------------------------- matbench files
 
 
-def test_matbench_records_are_valid_and_resume(tmp_path):
-    """Full matbench_jdft2d: one valid MatbenchBenchmark file per (method, n, seed)."""
+def test_matbench_records_are_valid_and_resume(tmp_path, store):
+    """Full matbench_jdft2d: one valid MatbenchBenchmark file per (method, n, seed), also
+    attached to the grid's MLflow parent run."""
     from matbench.bench import MatbenchBenchmark
 
     from matbench_dim.protocol import matbench_path
 
     grid = {"n_labels": [50], "seeds": [0], "methods": ["dummy_mean", "rf_magpie"]}
     grid["method_params"] = {"rf_magpie": {"n_estimators": 50}}
-    first = run_grid(["matbench_jdft2d"], tmp_path, folds=[0, 1], **grid)  # interrupted run
+    first = run_cells(["matbench_jdft2d"], tmp_path, folds=[0, 1], **grid)  # interrupted run
     assert first.n_recorded == 4
-    summary = run_grid(["matbench_jdft2d"], tmp_path, **grid)
+    summary = run_cells(["matbench_jdft2d"], tmp_path, tracking_uri=store, **grid)
     assert (summary.n_run, summary.n_skipped, summary.n_recorded) == (6, 4, 6)
+    from mlflow import MlflowClient
+
+    parent = summary.tracking_runs["matbench_jdft2d/exfoliation_en"]
+    logged = MlflowClient(store).download_artifacts(parent, "matbench", str(tmp_path / "got"))
+    for method in ("dummy_mean", "rf_magpie"):
+        saved = matbench_path(tmp_path, "matbench_jdft2d", method, 50, 0)
+        assert (Path(logged) / method / saved.name).read_bytes() == saved.read_bytes()
     task = load_task("matbench_jdft2d")
     table = res.load_results(tmp_path)
     for method in ("dummy_mean", "rf_magpie"):
@@ -381,6 +486,6 @@ def test_matbench_records_are_valid_and_resume(tmp_path):
     # a cell saved but never recorded (crash between the two) is recorded on the next run
     path = matbench_path(tmp_path, "matbench_jdft2d", "dummy_mean", 50, 0)
     path.unlink()
-    again = run_grid(["matbench_jdft2d"], tmp_path, **grid)
+    again = run_cells(["matbench_jdft2d"], tmp_path, **grid)
     assert (again.n_run, again.n_recorded) == (0, 5)
     assert MatbenchBenchmark.from_file(str(path)).validate() == {}

@@ -24,6 +24,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 from matbench_dim import tracking  # noqa: E402
+from matbench_dim.callbacks import Callback  # noqa: E402
 from matbench_dim.pyfunc import CifParseError, cif_frame, load_model, structures_from_cifs  # noqa: E402
 from matbench_dim.tracking import (  # noqa: E402
     TAG_HOST,
@@ -131,7 +132,7 @@ def test_null_tracker_records_nothing_but_still_computes(tmp_path):
         assert run.run_id is None
         run.log_params({"a": 1})
         run.log_json({"x": 1}, "x.json")
-        assert type(run.callback()) is tracking.Callback
+        assert type(run.callback()) is Callback
         metrics = run.log_test_metrics([1.0, 2.0, 4.0], [1.0, 3.0, 1.0])
     assert metrics["mae"] == pytest.approx(4 / 3)
     assert metrics["rmse"] == pytest.approx(np.sqrt(10 / 3))
@@ -367,7 +368,7 @@ def test_fit_records_params_metrics_and_tags(fitted_run):
     for key, value in est.get_params().items():
         if key != "callbacks":
             assert params[key] == str(value), key
-    assert params["callbacks"] == "[matbench_dim.tracking.MLflowCallback]"
+    assert params["callbacks"] == "[matbench_dim.tracking_runs.MLflowCallback]"
     digest = hashlib.sha256(Path(fitted_run["data_file"]).read_bytes()).hexdigest()
     assert params["data.sha256"] == digest
     assert (params["data.dataset"], params["data.fold"], params["data.n"]) == (

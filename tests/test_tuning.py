@@ -9,6 +9,7 @@ and parallel workers stay cheap. One test runs a real study with ``SiteNetDIMReg
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -445,7 +446,12 @@ def test_pruning_callback_prunes_a_clearly_worse_trial(task: Any, tmp_path: Path
     states = [t.state for t in study.trials]
     assert states[:3] == [TrialState.COMPLETE] * 3
     assert states[3] == TrialState.PRUNED
+    assert study.trials[3].user_attrs["inner_maes"] == []  # recorded for pruned trials too
+    assert study.trials[3].user_attrs["seconds"] > 0
     assert max(study.trials[3].intermediate_values) < objective.step_stride  # first inner fit
+    first_fit = [v for k, v in sorted(study.trials[0].intermediate_values.items()) if k < 21]
+    assert len(first_fit) == 20  # one report per epoch: the best validation loss so far
+    assert all(b <= a for a, b in itertools.pairwise(first_fit))
     # a non-finite loss prunes at once, whatever the pruner says
     cb = OptunaPruningCallback(optuna.create_study().ask(), "val_loss")
     state = TrainingState("finetune", None, {})
@@ -635,8 +641,10 @@ def test_killed_worker_trial_is_failed_retried_and_study_finishes(
             if not journal.exists() or not optuna.get_all_study_names(storage):
                 continue
             trials = optuna.load_study(study_name=None, storage=storage).get_trials()
-            if any(t.state == TrialState.COMPLETE for t in trials):
-                running = next((t for t in trials if t.state == TrialState.RUNNING), None)
+            if any(t.state == TrialState.COMPLETE for t in trials):  # kill it while it fits
+                fitting = [t for t in trials if t.state == TrialState.RUNNING
+                           and "encoder_cache_hit" in t.user_attrs]  # fmt: skip
+                running = fitting[0] if fitting else None
         assert running is not None, "no trial started within the time limit"
         os.kill(proc.pid, signal.SIGKILL)
     finally:

@@ -22,6 +22,7 @@ Rules (each breach raises a ``ValueError`` that names the offending files or ids
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -87,6 +88,17 @@ def read_members(
     else:
         raise FileNotFoundError(f"no folder or zip archive at {root}")
     return cifs, csvs, skipped
+
+
+def members_sha256(members: dict[str, bytes]) -> str:
+    """sha256 hex of a set of files: over the sorted ``(name, sha256(content))`` pairs.
+
+    Identifies a folder of CIFs by content (a zip is identified by its own file's sha256).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(members):
+        digest.update(name.encode("utf-8") + b"\0" + hashlib.sha256(members[name]).digest())
+    return digest.hexdigest()
 
 
 def parse_cif(text: str, label: str, check_formula: bool = True) -> Structure:
@@ -176,7 +188,8 @@ def load_cif_dataset(
     Returns
     -------
     Task
-        ``source="local"``; ``provenance`` has the path, its sha256 (zip) and the CSV's.
+        ``source="local"``; ``provenance`` has the path, its ``sha256`` (of the zip file, or
+        :func:`members_sha256` of a folder's CIF and CSV files) and the CSV's.
     """
     from matbench_dim.data import build_task, format_ids
 
@@ -253,7 +266,7 @@ def load_cif_dataset(
     )
     provenance = {
         "path": str(root),
-        "sha256": sha256_file(root) if root.is_file() else None,
+        "sha256": sha256_file(root) if root.is_file() else members_sha256({**cifs, **csvs}),
         "csv": csv_label,
         "csv_sha256": sha256_file(csv) if csv is not None else None,
         "n_cif": len(cifs),
