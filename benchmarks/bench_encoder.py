@@ -66,11 +66,15 @@ def main() -> None:
     encoder = SiteNetEncoder(cfg)
     net = SiteNetRegressorNet(encoder)
     objective = DIMObjective(DIMConfig(), cfg)
-    print(f"data: {name}, {len(batches)} batches, {n_crystals} crystals, {n_sites} unique sites, "
-          f"{n_pairs} pairs ({n_pairs / n_crystals:.0f} per crystal); threads={args.threads}, "
-          f"activation={args.activation}")
-    print(f"parameters: encoder {count_parameters(encoder)}, DIM critics/probes "
-          f"{count_parameters(objective)}")
+    print(
+        f"data: {name}, {len(batches)} batches, {n_crystals} crystals, {n_sites} unique sites, "
+        f"{n_pairs} pairs ({n_pairs / n_crystals:.0f} per crystal); threads={args.threads}, "
+        f"activation={args.activation}"
+    )
+    print(
+        f"parameters: encoder {count_parameters(encoder)}, DIM critics/probes "
+        f"{count_parameters(objective)}"
+    )
     opt = torch.optim.AdamW(list(net.parameters()) + list(objective.parameters()), lr=1e-4)
 
     def supervised(batch):
@@ -95,8 +99,10 @@ def main() -> None:
             step(b)
             times.append(time.perf_counter() - t0)
         total = sum(times)
-        print(f"{label:22s} {n_crystals / total:8.1f} crystals/s  {n_sites / total:8.0f} sites/s  "
-              f"{np.mean(times):.3f} s per ~{args.batch_sites}-site batch")
+        print(
+            f"{label:22s} {n_crystals / total:8.1f} crystals/s  {n_sites / total:8.0f} sites/s  "
+            f"{np.mean(times):.3f} s per ~{args.batch_sites}-site batch"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (ru_maxrss): {peak:.0f} MiB")
 

@@ -30,14 +30,9 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 
-from matbench_dim.featurize import (
-    FeaturizerConfig,
-    batch_indices,
-    collate,
-    featurize,
-    supercell_matrix,
-)
+from matbench_dim.featurize import FeaturizerConfig, batch_indices, collate, featurize
 from matbench_dim.model.geometry import minimum_image_distances
+from matbench_dim.supercell import supercell_matrix
 
 torch.set_num_threads(int(os.environ["MATBENCH_DIM_NUM_THREADS"]))
 

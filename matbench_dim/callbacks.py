@@ -1,7 +1,7 @@
 """The callback protocol of the training loops, and the callbacks that need no outside library.
 
 Tracking (MLflow), pruning (Optuna) and anything else that talks to the outside world are
-callbacks defined at the edge (``tracking.py``, ``tuning.py``); the loops in ``training.py``
+callbacks defined at the edge (``matbench_dim.tracking``, ``matbench_dim.tuning``); the loops in ``training.py``
 only call the hooks below.
 """
 
@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune")
 
 
-class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StopTraining(Exception):
     """Raised by a callback to end the current stage early (the best state so far is kept)."""
 
 

@@ -69,14 +69,27 @@ def resolve_task(ref: TaskRef | Task) -> Task:
     return ref if isinstance(ref, Task) else _load_cached(ref)
 
 
+@functools.lru_cache(maxsize=8)
 def data_sha256(task: Task) -> str:
-    """The data file's sha256 from the task's provenance, else a hash of its ids, targets
-    and folds (tasks built in memory)."""
+    """sha256 (hex) identifying the task's data, recorded with every cell.
+
+    The data file's sha256 from the task's provenance (combined with that of an external
+    targets CSV, when there is one); for a task built in memory, a hash of its structures
+    (lattice, fractional coordinates, species), ids, targets and folds.
+    """
     sha = task.provenance.get("sha256")
     if sha:
-        return str(sha)
+        csv_sha = task.provenance.get("csv_sha256")
+        if not csv_sha:
+            return str(sha)
+        return hashlib.sha256(f"{sha}\n{csv_sha}".encode()).hexdigest()
     h = hashlib.sha256()
     h.update(res.ids_sha256(task.ids).encode())
+    pool = [] if task.unlabelled_pool is None else list(task.unlabelled_pool)
+    for structure in [*task.structures, *pool]:
+        h.update(np.asarray(structure.lattice.matrix, dtype=np.float64).tobytes())
+        h.update(np.asarray(structure.frac_coords, dtype=np.float64).tobytes())
+        h.update(" ".join(site.species_string for site in structure).encode())
     if task.targets is not None:
         h.update(np.asarray(task.targets, dtype=np.float64).tobytes())
     for train, test in task.folds:

@@ -3,8 +3,8 @@
 Every command prints where its outputs went. An error caused by the user's input (an unknown
 task, a missing file, a bad ``--param``, ``n`` larger than a fold) ends with a one-line
 message on stderr and exit code 2; another failure gives one line and exit code 1.
-``matbench-dim --debug <command>`` shows the traceback instead. Library code logs; only this
-module prints.
+``matbench-dim --debug <command>`` shows the traceback instead. Library code logs; only the
+command line (this module and :mod:`matbench_dim.cli_support`) prints.
 
 Commands that train record an MLflow run (``--tracking-uri``, default ``$MLFLOW_TRACKING_URI``
 or ``./mlruns``; ``--no-tracking`` records nothing).
@@ -12,79 +12,47 @@ or ``./mlruns``; ``--no-tracking`` records nothing).
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
-import sys
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+
+from matbench_dim.cli_support import (
+    STATE,
+    CLIGroup,
+    EncoderFrom,
+    NoTracking,
+    Params,
+    TrackingUri,
+    UserError,
+    check_params,
+    echo_lines,
+    encoder_folder,
+    existing,
+    int_values,
+    load_task_quietly,
+    log_task_provenance,
+    make_estimator,
+    make_tracker,
+    parse_params,
+    pretraining_structures,
+    quiet_matbench,
+    read_cifs,
+    split_values,
+    task_spec,
+    tuned_params,
+)
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-_STATE: dict[str, Any] = {"debug": False, "verbose": False}
-_INPUT_ERRORS = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, TypeError)
-"""Exceptions that mean bad input (exit code 2); anything else is a failure (exit code 1)."""
-
-
-class UserError(Exception):
-    """An error in what the user asked for: reported in one line, exit code 2."""
-
-
-_CLICK_ERROR: type[Exception] = next(
-    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
-)
-"""Base of the usage errors of the click that typer runs on (vendored in recent typer)."""
-
-
-class _Group(TyperGroup):
-    """Turns every error into one line on stderr and an exit code (unless ``--debug``)."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        _STATE["debug"] = False
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-            code = rv if isinstance(rv, int) else 0
-        except _CLICK_ERROR as exc:
-            code = int(getattr(exc, "exit_code", 2))
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                exc.show()  # type: ignore[attr-defined]
-            else:
-                hint = " (see --help)" if isinstance(exc, typer.BadParameter.__mro__[1]) else ""
-                message = exc.format_message()  # type: ignore[attr-defined]
-                typer.echo(f"error: {_one_line(message)}{hint}", err=True)
-        except typer.Abort:
-            typer.echo("aborted", err=True)
-            code = 130
-        except Exception as exc:
-            if _STATE["debug"]:
-                raise
-            code = 2 if isinstance(exc, (UserError, *_INPUT_ERRORS)) else 1
-            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            kind = "" if isinstance(exc, UserError) else f"{type(exc).__name__}: "
-            more = "" if code == 2 else " (run with --debug for the traceback)"
-            typer.echo(f"error: {kind}{_one_line(text) or type(exc).__name__}{more}", err=True)
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    return lines[0] + (
-        f" ({'; '.join(lines[1:4])}{'; ...' if len(lines) > 4 else ''})" if len(lines) > 1 else ""
-    )
 
 
 app = typer.Typer(
     name="matbench-dim",
-    cls=_Group,
+    cls=CLIGroup,
     help="Deep InfoMax pretraining of Site-Net for matbench: run, pretrain, fit, predict, "
     "bench, report, tune, tasks.",
     no_args_is_help=True,
@@ -115,7 +83,7 @@ def _main(
     ] = False,
 ) -> None:
     """Deep InfoMax pretraining of Site-Net, inside matbench's fold loop."""
-    _STATE.update(debug=debug, verbose=verbose or debug)
+    STATE.update(debug=debug, verbose=verbose or debug)
     logging.basicConfig(
         level=logging.INFO if verbose or debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -123,143 +91,6 @@ def _main(
     from matbench_dim.runtime import configure_threads
 
     configure_threads(threads)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-TrackingUri = Annotated[
-    str | None,
-    typer.Option(help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns)."),
-]
-NoTracking = Annotated[bool, typer.Option("--no-tracking", help="Record no MLflow run.")]
-Params = Annotated[
-    list[str] | None,
-    typer.Option("--param", "-p", help="Estimator parameter NAME=VALUE (repeatable)."),
-]
-EncoderFrom = Annotated[
-    str | None,
-    typer.Option(
-        help="Pretrained encoder to fine-tune from: a folder, or runs:/<run_id>/encoder "
-        "(skips pretraining)."
-    ),
-]
-
-
-def _quiet_matbench() -> None:
-    """matbench logs INFO on every benchmark it builds: keep it to warnings (unless -v)."""
-    import matbench.bench  # noqa: F401 - its import installs the logger we quiet
-
-    if not _STATE["verbose"]:
-        logging.getLogger("matbench").setLevel(logging.WARNING)
-
-
-def _parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``["optimizer__lr=1e-3", "encoder__heads=2"]`` -> dict with JSON-parsed values."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--param expects NAME=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
-def _check_params(params: dict[str, Any]) -> None:
-    """Reject names the estimator does not have and values its configs refuse."""
-    from matbench_dim.estimator import SiteNetDIMRegressor
-
-    valid = SiteNetDIMRegressor().get_params(deep=False)
-    for key in params:
-        if key not in valid:
-            close = difflib.get_close_matches(key, list(valid), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"--param: unknown estimator parameter {key!r}{hint}")
-    try:
-        SiteNetDIMRegressor(**params)._validate()
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--param: {_one_line(str(exc))}") from exc
-
-
-def _estimator(params: dict[str, Any]) -> Any:
-    from matbench_dim.estimator import SiteNetDIMRegressor
-
-    _check_params(params)
-    return SiteNetDIMRegressor(**params)
-
-
-def _tracker(uri: str | None, no_tracking: bool, experiment: str) -> Any:
-    from matbench_dim.tracking import setup_tracking
-
-    return setup_tracking(uri, experiment, enabled=not no_tracking)
-
-
-def _existing(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist")
-    return path
-
-
-def _read_cifs(path: Path) -> Any:
-    """Structures of every CIF in a folder or zip, as a Series indexed by file stem."""
-    import pandas as pd
-
-    from matbench_dim.datasets.cif import CifError, parse_cif, read_members
-
-    cifs, _, _ = read_members(_existing(path, "CIF folder or zip"))
-    if not cifs:
-        raise UserError(f"{path} holds no .cif files")
-    structures, errors = {}, []
-    for member, data in cifs.items():
-        stem = PurePosixPath(member).name[:-4]
-        if stem in structures:
-            raise UserError(f"{path}: two CIF files named {stem}.cif")
-        try:
-            structures[stem] = parse_cif(data.decode("utf-8", errors="replace"), f"{path}/{member}")
-        except CifError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise UserError(f"{len(errors)} unreadable CIF file(s), e.g. {errors[0]}")
-    return pd.Series(structures, dtype=object)
-
-
-def _load_task(name: str, target: str | None = None, data_home: Path | None = None) -> Any:
-    from matbench_dim.data import load_task
-
-    _quiet_matbench()
-    return load_task(name, target=target, data_home=data_home)
-
-
-def _pretraining_pool(task: Any, fold: int, max_train_structures: int | None) -> Any:
-    """The fold's label-free pool (capped, seeded), checked against the fold's test ids."""
-    from matbench_dim.protocol import check_disjoint, pretraining_pool
-
-    pool_all = task.unlabelled_structures(fold)
-    pool = pretraining_pool(list(pool_all.index), max_train_structures, fold)
-    check_disjoint(pool, task.test_ids(fold), stage="pretraining", where=f"{task.name} fold {fold}")
-    return pool_all.loc[pool]
-
-
-def _encoder_from(uri: str, out: Path, tracking_uri: str | None) -> Path:
-    from matbench_dim.tracking import download_encoder, is_artifact_uri
-
-    dst = out / "encoder_from" if is_artifact_uri(uri) else None
-    if dst is not None:
-        dst.mkdir(parents=True, exist_ok=True)
-    return download_encoder(uri, dst, tracking_uri)
-
-
-def _task_provenance(run: Any, task: Any, **extra: Any) -> None:
-    from matbench_dim.cells import data_sha256
-    from matbench_dim.recording import data_provenance
-
-    run.log_provenance(task.name, **extra, **data_provenance(task, data_sha256(task)))
-
-
-def _print(lines: list[str]) -> None:
-    typer.echo("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- run
@@ -304,10 +135,10 @@ def run(
         "random_state": seed,
         "encoder__activation": "silu",
         "verbose": 1,
-        **_parse_params(param),
+        **parse_params(param),
     }
-    est = _estimator(params)
-    t = _load_task(task, data_home=data_home)
+    est = make_estimator(params)
+    t = load_task_quietly(task, data_home=data_home)
     if not 0 <= fold < t.n_folds:
         raise UserError(f"--fold must be in 0..{t.n_folds - 1} for {task}, got {fold}")
     x_train, y_train = t.train_data(fold)
@@ -315,16 +146,16 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     pool = None
     if encoder_from is not None:
-        est.set_params(encoder_init=str(_encoder_from(encoder_from, out, tracking_uri)))
+        est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
         start = f"fine-tuning the encoder {encoder_from}"
     else:
-        pool = _pretraining_pool(t, fold, max_train_structures)
+        pool = pretraining_structures(t, fold, max_train_structures)
         start = f"DIM pretraining on {len(pool)} training structures (labels hidden), fine-tuning"
     x_test = t.test_inputs(fold)
     typer.echo(
         f"{task} fold {fold}: {start} on {len(ids)} labels, predicting {len(x_test)} test structures"
     )
-    tracker = _tracker(tracking_uri, no_tracking, task_experiment(t.name))
+    tracker = make_tracker(tracking_uri, no_tracking, task_experiment(t.name))
     tags = {"kind": "run", "method": "dim", "mode": "transfer"}
     with tracker.start_parent_run(f"run {t.name} fold{fold} n{n_labels} seed{seed}", tags) as mlrun:
         if mlrun.enabled:
@@ -332,7 +163,7 @@ def run(
             subsets = {"train": list(ids), "test": list(x_test.index)}
             if pool is not None:
                 subsets["pretrain"] = list(pool.index)
-            _task_provenance(mlrun, t, fold=fold, n=n_labels, seed=seed, subset_ids=subsets)
+            log_task_provenance(mlrun, t, fold=fold, n=n_labels, seed=seed, subset_ids=subsets)
             mlrun.log_params({"encoder_from": encoder_from})
             est.set_params(callbacks=[mlrun.callback()])
         est.fit(x_train.loc[ids], y_train.loc[ids], X_unlabeled=pool)
@@ -374,7 +205,7 @@ def run(
         if pool is not None:
             lines.append(f"reuse the encoder with --encoder-from runs:/{mlrun.run_id}/encoder")
     lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
-    _print(lines)
+    echo_lines(lines)
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -413,16 +244,16 @@ def pretrain(
         "random_state": seed,
         "encoder__activation": "silu",
         "verbose": 1,
-        **_parse_params(param),
+        **parse_params(param),
         "pretrain__checkpoint": str(ckpt),
     }
-    est = _estimator(params)
+    est = make_estimator(params)
     if task is not None:
-        t = _load_task(task, target, data_home)
-        X = _pretraining_pool(t, fold, max_train_structures)
+        t = load_task_quietly(task, target, data_home)
+        X = pretraining_structures(t, fold, max_train_structures)
         source, experiment = f"{t.name} fold {fold}", task_experiment(t.name)
     else:
-        X = _read_cifs(cifs)
+        X = read_cifs(cifs)
         source, experiment = str(cifs), DEFAULT_EXPERIMENT
     out.mkdir(parents=True, exist_ok=True)
     resuming = ckpt.exists()
@@ -430,14 +261,14 @@ def pretrain(
         f"DIM pretraining on {len(X)} structures of {source} for {epochs} epochs"
         + (f" (resuming from {ckpt})" if resuming else "")
     )
-    tracker = _tracker(tracking_uri, no_tracking, experiment)
+    tracker = make_tracker(tracking_uri, no_tracking, experiment)
     tags = {"kind": "pretrain", "method": "dim", "mode": "pretrain"}
     with tracker.start_parent_run(f"pretrain {source}", tags) as mlrun:
         if mlrun.enabled:
             mlrun.log_estimator_params(est)
             ids = {"pretrain": [str(i) for i in X.index]}
             if task is not None:
-                _task_provenance(mlrun, t, fold=fold, subset_ids=ids)
+                log_task_provenance(mlrun, t, fold=fold, subset_ids=ids)
             else:
                 mlrun.log_provenance(str(cifs), subset_ids=ids)
             est.set_params(callbacks=[mlrun.callback()])
@@ -461,7 +292,7 @@ def pretrain(
     if mlrun.run_id is not None:
         lines.append(f"MLflow run {mlrun.run_id}: --encoder-from runs:/{mlrun.run_id}/encoder")
     lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
-    _print(lines)
+    echo_lines(lines)
 
 
 # --------------------------------------------------------------------------- fit / predict
@@ -506,20 +337,20 @@ def fit(
         "random_state": seed,
         "encoder__activation": "silu",
         "verbose": 1,
-        **_parse_params(param),
+        **parse_params(param),
     }
-    est = _estimator(params)
+    est = make_estimator(params)
     if csv is not None:
-        _existing(csv, "CSV file")
-    t = load_cif_dataset(_existing(cifs, "CIF folder or zip"), csv, target_column, n_splits=None)
+        existing(csv, "CSV file")
+    t = load_cif_dataset(existing(cifs, "CIF folder or zip"), csv, target_column, n_splits=None)
     if t.targets is None:
         raise UserError(f"no targets for {cifs}: pass --csv with columns file and {target_column}")
     extra = [] if t.unlabelled_pool is None else [t.unlabelled_pool]
     if unlabelled is not None:
-        extra.append(_read_cifs(unlabelled))
+        extra.append(read_cifs(unlabelled))
     pool = None
     if encoder_from is not None:
-        est.set_params(encoder_init=str(_encoder_from(encoder_from, out, tracking_uri)))
+        est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
     elif not no_pretrain:
         pool = pd.concat(extra) if extra else t.structures
     method = "dim" if pool is not None or encoder_from else "random_init"
@@ -531,12 +362,12 @@ def fit(
             else ""
         )
     )
-    tracker = _tracker(tracking_uri, no_tracking, task_experiment(t.name))
+    tracker = make_tracker(tracking_uri, no_tracking, task_experiment(t.name))
     tags = {"kind": "fit", "method": method, "mode": "transfer"}
     with tracker.start_parent_run(f"fit {t.name}", tags) as mlrun:
         if mlrun.enabled:
             mlrun.log_estimator_params(est)
-            _task_provenance(mlrun, t, subset_ids={"train": list(t.structures.index)})
+            log_task_provenance(mlrun, t, subset_ids={"train": list(t.structures.index)})
             est.set_params(callbacks=[mlrun.callback()])
         est.fit(t.structures, t.targets.to_numpy(dtype=float), X_unlabeled=pool)
         path = est.save(out)
@@ -551,7 +382,7 @@ def fit(
     if mlrun.run_id is not None:
         lines.append(f"MLflow run {mlrun.run_id}; MLflow model runs:/{mlrun.run_id}/model")
     lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
-    _print(lines)
+    echo_lines(lines)
 
 
 @app.command()
@@ -571,49 +402,11 @@ def predict(
 
     folder = download_artifact_dir(model, None, tracking_uri, what="model folder")
     est = SiteNetDIMRegressor.load(folder)
-    X = _read_cifs(cifs)
+    X = read_cifs(cifs)
     pred = est.predict(X)
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"id": X.index, "prediction": pred}).to_csv(out, index=False)
-    _print([f"{len(pred)} predictions: {out}"])
-
-
-# --------------------------------------------------------------------------- bench / report
-
-
-def _split(values: list[str] | None) -> list[str]:
-    """Repeated and/or comma-separated option values: ``["50,100", "250"]`` -> 3 items."""
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
-
-
-def _ints(values: list[str] | None, option: str) -> list[int]:
-    try:
-        return [int(v) for v in _split(values)]
-    except ValueError as exc:
-        raise UserError(f"{option} expects integers, got {values}") from exc
-
-
-def _task_spec(spec: str) -> tuple[str, str | None]:
-    """``name`` or ``name:target`` (``sample:name[:target]`` for the shipped samples)."""
-    prefix = "sample:" if spec.startswith("sample:") else ""
-    name, _, target = spec[len(prefix) :].partition(":")
-    if not name:
-        raise UserError(f"--tasks expects NAME or NAME:TARGET, got {spec!r}")
-    return prefix + name, target or None
-
-
-def _tuned_params(task: str, target: str | None, n: int, storage: str | None) -> dict[str, Any]:
-    try:
-        from matbench_dim.tuning import load_best_params
-    except ImportError as exc:
-        raise UserError(
-            "--params-from-study needs matbench_dim.tuning.load_best_params, which this "
-            f"installation lacks ({exc})"
-        ) from exc
-    try:
-        return dict(load_best_params(task, n, None, storage, target=target))
-    except (FileNotFoundError, KeyError) as exc:
-        raise UserError(f"--params-from-study: {_one_line(str(exc))}") from exc
+    echo_lines([f"{len(pred)} predictions: {out}"])
 
 
 @app.command()
@@ -664,19 +457,19 @@ def bench(
 
     if backend not in ("loky", "dask"):
         raise UserError(f"--backend must be loky or dask, got {backend!r}")
-    specs = [_task_spec(s) for s in _split(tasks)]
-    ns = _ints(n_labels, "--n-labels") or list(DEFAULT_N_LABELS)
-    method_names = _split(methods) or ["dummy_mean", "rf_magpie", "dim", "random_init"]
-    extra = _parse_params(param)
+    specs = [task_spec(s) for s in split_values(tasks)]
+    ns = int_values(n_labels, "--n-labels") or list(DEFAULT_N_LABELS)
+    method_names = split_values(methods) or ["dummy_mean", "rf_magpie", "dim", "random_init"]
+    extra = parse_params(param)
     sitenet = [m for m in method_names if m in SITENET_NAMES]
     if extra and not sitenet:
         raise UserError("--param sets Site-Net estimator parameters; no Site-Net method chosen")
     if extra:
-        _check_params(extra)
-    _quiet_matbench()
+        check_params(extra)
+    quiet_matbench()
     grid = {
-        "folds": _ints(folds, "--folds") or None,
-        "seeds": _ints(seeds, "--seeds") or list(DEFAULT_SEEDS),
+        "folds": int_values(folds, "--folds") or None,
+        "seeds": int_values(seeds, "--seeds") or list(DEFAULT_SEEDS),
         "methods": method_names,
         "max_train_structures": max_train_structures,
         "n_jobs": n_jobs,
@@ -689,7 +482,7 @@ def bench(
     # tuned parameters depend on (task, n): one grid call per pair; otherwise one call
     calls = [(specs, ns, {})]
     if params_from_study and sitenet:
-        calls = [([s], [n], _tuned_params(s[0], s[1], n, study_storage)) for s in specs for n in ns]
+        calls = [([s], [n], tuned_params(s[0], s[1], n, study_storage)) for s in specs for n in ns]
     t0 = time.perf_counter()
     totals = {"cells": 0, "run": 0, "skipped": 0, "pretrained": 0, "recorded": 0}
     parents: dict[str, str] = {}
@@ -723,7 +516,7 @@ def bench(
         lines.append(f"matbench results files: {out / 'matbench'}")
     lines += [f"MLflow parent run {rid} ({key})" for key, rid in parents.items()]
     lines.append(f"report: matbench-dim report {out}")
-    _print(lines)
+    echo_lines(lines)
 
 
 @app.command()
@@ -737,10 +530,10 @@ def report(
     """Learning curves (PNG), a markdown table and paired statistics from a results folder."""
     from matbench_dim.report import write_report
 
-    paths = write_report(_existing(results_dir, "results folder"), out, reference=reference)
+    paths = write_report(existing(results_dir, "results folder"), out, reference=reference)
     lines = [f"table: {paths.pop('markdown')}"]
     lines += [f"learning curve {key}: {png}" for key, png in paths.items()]
-    _print(lines)
+    echo_lines(lines)
 
 
 # --------------------------------------------------------------------------- tune / tasks
@@ -766,12 +559,12 @@ def tune(
         from matbench_dim.tuning import tune as run_tuning
     except ImportError as exc:
         raise UserError(f"tuning is unavailable in this installation ({exc})") from exc
-    extra = _parse_params(param)
+    extra = parse_params(param)
     if extra:
-        _check_params(extra)
-    _quiet_matbench()
+        check_params(extra)
+    quiet_matbench()
     study = run_tuning(
-        _load_task(task, target),
+        load_task_quietly(task, target),
         n_labels,
         trials,
         fold=fold,
@@ -787,7 +580,13 @@ def tune(
         lines += [f"  {k} = {v}" for k, v in sorted(best.params.items())]
     except ValueError:
         lines.append("no trial completed yet")
-    _print(lines)
+    else:
+        from matbench_dim.tuning import best_params_path
+
+        exported = best_params_path(study.user_attrs.get("task", task), n_labels)
+        if exported.exists():
+            lines.append(f"exported for `bench --params-from-study`: {exported}")
+    echo_lines(lines)
 
 
 @app.command()

@@ -449,7 +449,8 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
             cfg = FinetuneConfig(**{**cfg.__dict__, "freeze_encoder": True})
         return cfg
 
-    def _validate(self) -> None:
+    def validate_params(self) -> None:
+        """Check every parameter now (``fit`` does it too); raises ``ValueError`` naming it."""
         for group in GROUPS:
             self._group(group)  # raises a ValueError naming the bad parameter
         self._finetune_cfg()
@@ -461,7 +462,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         ``y_probe`` (optional, NaN allowed) only feeds the detached property probe that is
         logged during pretraining; it never influences the encoder or model selection.
         """
-        self._validate()
+        self.validate_params()
         structures = as_structures(X)
         device = self._setup()
         records = self._featurize(structures, _ids_of(X, len(structures)))
@@ -495,7 +496,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
             Structures whose labels are hidden (e.g. the rest of a matbench training fold);
             DIM pretrains on ``X`` and these together (duplicates removed).
         """
-        self._validate()
+        self.validate_params()
         structures = as_structures(X)
         targets = as_targets(y, len(structures))
         device = self._setup()

@@ -33,7 +33,7 @@ from matbench_dim.data import Task
 from matbench_dim.tracking import NullTracker, Tracker, setup_tracking, task_experiment
 
 if TYPE_CHECKING:
-    from matbench_dim.protocol import Cell
+    from matbench_dim.cells import Cell
     from matbench_dim.tracking_runs import TrackedRun
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def matbench_path(out: str | Path, task: str, method: str, n: int, seed: int) ->
 
 
 def matbench_params(cell: Cell, result: res.CellResult, subset: Sequence[str]) -> dict[str, Any]:
-    """The ``params`` recorded with a fold: subset ids, seed, hyperparameters, provenance."""
+    """The ``params`` recorded with a fold: subset ids, seed, hyperparameters, provenance
+    (subset and data sha256, library versions)."""
     return {
         "method": cell.method,
         "mode": result.mode,
@@ -79,6 +80,7 @@ def matbench_params(cell: Cell, result: res.CellResult, subset: Sequence[str]) -
         "seed": cell.seed,
         "subset_ids": [str(i) for i in subset],
         "subset_sha256": result.subset_sha256,
+        "data_sha256": result.data_sha256,
         "n_pretrain": result.n_pretrain,
         "max_train_structures": -1
         if result.max_train_structures is None
@@ -222,11 +224,13 @@ def log_cell_inputs(
     )
 
 
-def log_grid_artifacts(run: TrackedRun, out: Path, task: Task) -> None:
+def log_grid_artifacts(
+    run: TrackedRun, out: Path, task: Task, results: pd.DataFrame | None = None
+) -> None:
     """At the end of a grid, attach to its parent run the task's matbench results files
     (``matbench/``), its cell table (``results/cells.csv``) and its learning curve
-    (``figures/learning_curve.png``). A failure here is logged, not raised: the cells are
-    already saved."""
+    (``figures/learning_curve.png``), from ``results`` (default: every cell under ``out``).
+    A failure here is logged, not raised: the cells are already saved."""
     if not run.enabled:
         return
     from matbench_dim.report import plot_learning_curve
@@ -235,7 +239,7 @@ def log_grid_artifacts(run: TrackedRun, out: Path, task: Task) -> None:
         folder = out / "matbench" / res.safe_name(task.name)
         if folder.is_dir():
             run.log_dir(folder, "matbench")
-        table = res.load_results(out)
+        table = res.load_results(out) if results is None else results
         if table.empty:
             return
         table = table[(table["task"] == task.name) & (table["target"] == task.target_name)]
@@ -321,9 +325,11 @@ class GridRuns:
         """Log each parent's cell count and artifacts (:func:`log_grid_artifacts`); return
         ``{"<task>/<target>": parent run id}`` of the tracked tasks."""
         ids = {}
+        tracked = [run for run, _, _ in self._runs.values() if run.enabled]
+        results = res.load_results(out) if tracked else None
         for key, (run, _, task) in self._runs.items():
             run.log_metrics({"grid/n_cells_run": float(self._cells[key])})
-            log_grid_artifacts(run, out, task)
+            log_grid_artifacts(run, out, task, results)
             if run.run_id is not None:
                 ids[f"{task.name}/{task.target_name}"] = run.run_id
         return ids

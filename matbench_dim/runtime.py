@@ -45,7 +45,7 @@ def configure_threads(n_threads: int | None = None) -> int:
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch CPU generator seeded with ``seed``."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - seeds code that uses the global state
     torch.manual_seed(seed)
     gen = torch.Generator()
     gen.manual_seed(seed)

@@ -27,6 +27,7 @@ Public API (the benchmark protocol, the Optuna study and the CLI call only these
             run.log_encoder(est)                    # encoder folder -> artifact "encoder"
             run.log_pyfunc_model(est, X[:2])        # MLflow model "model": CIF -> prediction
     download_encoder("runs:/<run_id>/encoder")      # -> local folder for ``encoder_init``
+    download_artifact_dir("runs:/<run_id>/estimator")  # any logged folder (or a local one)
     close_stale_runs(experiment, older_than_s)      # RUNNING runs of dead processes -> KILLED
 
 Where runs go (:func:`resolve_tracking_uri`): the ``uri`` argument (``--tracking-uri``), else
@@ -166,7 +167,6 @@ def setup_tracking(
     if not enabled:
         return NullTracker()
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     tracking_uri = resolve_tracking_uri(uri, root)
     db = _sqlite_path(tracking_uri)
@@ -175,23 +175,39 @@ def setup_tracking(
         db = db.expanduser().resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (db.parent / "artifacts" / _slug(experiment)).as_uri()
-    client = MlflowClient(tracking_uri)
+    if db is not None:
+        # Creating the client of a new SQLite store creates its tables (alembic migrations);
+        # two processes doing it at once collide ("table _alembic_tmp_... already exists").
+        # Serialise that first contact with a lock file beside the database.
+        from filelock import FileLock
+
+        with FileLock(str(db) + ".init.lock"):
+            client = MlflowClient(tracking_uri)
+            exp_id = _get_or_create_experiment(client, experiment, artifact_location)
+    else:
+        client = MlflowClient(tracking_uri)
+        exp_id = _get_or_create_experiment(client, experiment, artifact_location)
+    logger.info("MLflow tracking to %s, experiment %r (id %s)", tracking_uri, experiment, exp_id)
+    return Tracker(tracking_uri, exp_id, experiment, client=client)
+
+
+def _get_or_create_experiment(client: Any, experiment: str, artifact_location: str | None) -> str:
+    """Id of ``experiment``, created (or restored from deletion) when needed."""
+    from mlflow.exceptions import MlflowException
+
     exp = _retry(client.get_experiment_by_name, experiment)
     if exp is None:
         try:
-            exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            return client.create_experiment(experiment, artifact_location=artifact_location)
         except MlflowException:  # created meanwhile by another process
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
                 raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
-        if exp.lifecycle_stage == "deleted":
-            logger.warning("restoring deleted MLflow experiment %r", experiment)
-            client.restore_experiment(exp_id)
-    logger.info("MLflow tracking to %s, experiment %r (id %s)", tracking_uri, experiment, exp_id)
-    return Tracker(tracking_uri, exp_id, experiment, client=client)
+            return exp.experiment_id
+    if exp.lifecycle_stage == "deleted":
+        logger.warning("restoring deleted MLflow experiment %r", experiment)
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
 
 
 @lru_cache(maxsize=1)

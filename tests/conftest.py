@@ -15,7 +15,7 @@ os.environ.setdefault("MATBENCH_DIM_NUM_THREADS", "1")
 _MLRUNS_TMP = tempfile.mkdtemp(prefix="matbench-dim-mlruns-")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_MLRUNS_TMP}/mlflow.db")
 
-import torch
+import torch  # noqa: E402 - after the environment above is set
 
 torch.set_num_threads(int(os.environ["MATBENCH_DIM_NUM_THREADS"]))
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from matbench_dim.model.dim import (  # noqa: I001
+from matbench_dim.model.dim import (
     GaussianKL,
     GlobalDIMLoss,
     LocalDIMLoss,
@@ -84,7 +84,7 @@ def test_local_dim_loss_matches_reference(estimator):
         per_row.append(val)
     crystals = sorted(set(row_crystal.tolist()))
     per_crystal = [
-        sum(v for v, c in zip(per_row, row_crystal.tolist()) if c == q)
+        sum(v for v, c in zip(per_row, row_crystal.tolist(), strict=True) if c == q)
         / row_crystal.tolist().count(q)
         for q in crystals
     ]
@@ -170,7 +170,7 @@ def test_gaussian_kl_matches_closed_form_and_is_zero_at_prior():
     ref = (
         sum(
             0.5 * (m**2 + math.exp(lv) - 1 - lv)
-            for m, lv in zip(mu[0].tolist(), logvar[0].tolist())
+            for m, lv in zip(mu[0].tolist(), logvar[0].tolist(), strict=True)
         )
         / 2
     )

@@ -130,7 +130,8 @@ def test_fit_predict_is_deterministic_and_saves_without_pickle(data, tmp_path):
     assert pa.shape == (len(x_unlab),)
     assert np.isfinite(pa).all()
     np.testing.assert_array_equal(pa, pb)
-    assert a.pretrained_ and len(a.history_["pretrain"]) == 2
+    assert a.pretrained_
+    assert len(a.history_["pretrain"]) == 2
     assert len(a.history_["finetune"]) == 6
     c = SiteNetDIMRegressor(**TINY, random_state=4).fit(x, y, X_unlabeled=x_unlab)
     assert not np.array_equal(c.predict(x_unlab), pa)
@@ -179,16 +180,19 @@ def test_pretrained_encoder_is_reused_without_pretraining_again(data, tmp_path):
 
 
 def test_random_init_differs_from_pretrained_start(data):
-    x, y, x_unlab = data
+    x, y, _x_unlab = data
     rnd = SiteNetDIMRegressor(**TINY).fit(x, y)
-    assert not rnd.pretrained_ and rnd.history_["pretrain"] == []
+    assert not rnd.pretrained_
+    assert rnd.history_["pretrain"] == []
 
 
 def test_representation_mode_freezes_the_encoder(data):
     x, y, _ = data
     est = SiteNetDIMRegressor(**TINY, mode="representation").fit(x, y)
     fresh = SiteNetDIMRegressor(**TINY)._initial_encoder()[0]
-    for (k, v), (_, w) in zip(est.model_.encoder.state_dict().items(), fresh.state_dict().items()):
+    for (k, v), (_, w) in zip(
+        est.model_.encoder.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
         np.testing.assert_array_equal(v.numpy(), w.numpy(), err_msg=k)
 
 

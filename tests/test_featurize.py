@@ -1,9 +1,16 @@
-"""Featurization of real structures: supercells, site features, cache, errors, batching."""
+"""Featurization of real structures: records, site features, cache, errors, batching.
+
+The cell geometry itself (supercell matrices, LLL, primitive cells) is tested in
+``test_geometry.py``.
+"""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pymatgen.core import Element, Lattice, Structure
 
-from matbench_dim import elements
+from matbench_dim import elements, feature_cache, supercell
 from matbench_dim import featurize as fz
 from matbench_dim.featurize import (
     CrystalRecord,
@@ -24,24 +31,6 @@ from matbench_dim.featurize import (
     featurize_structure,
 )
 from matbench_dim.model.geometry import minimum_image_distances
-
-
-def _periodic_match(cart_a, cart_b, lattice, tol=1e-4):
-    """Index in b of each position of a (mod lattice); -1 where none within tol (Angstrom)."""
-    inv = np.linalg.inv(lattice)
-    d = cart_a[:, None, :] @ inv - cart_b[None, :, :] @ inv
-    d -= np.rint(d)
-    dist = np.linalg.norm(d @ lattice, axis=-1)
-    best = dist.argmin(1)
-    return np.where(dist[np.arange(len(cart_a)), best] < tol, best, -1)
-
-
-def _integer_matrix(record: CrystalRecord, structure: Structure) -> np.ndarray:
-    m = record.lattice.astype(np.float64) @ np.linalg.inv(structure.lattice.matrix)
-    m_int = np.rint(m)
-    assert np.abs(m - m_int).max() < 1e-4, "record lattice is not a supercell of the input"
-    return m_int.astype(int)
-
 
 # ------------------------------------------------------------------------------ config
 
@@ -96,84 +85,6 @@ def test_supercell_size_bounds_shapes_and_dtypes(real_structures, n_max):
         # volume per atom is preserved by primitive reduction and supercell construction
         vol = abs(np.linalg.det(r.lattice.astype(np.float64)))
         assert vol / n_s == pytest.approx(s.volume / len(s), rel=1e-4)
-
-
-def _defect(lat: np.ndarray) -> float:
-    """Orthogonality defect: product of row lengths / volume (1 for orthorhombic)."""
-    return float(np.prod(np.linalg.norm(lat, axis=1)) / abs(np.linalg.det(lat)))
-
-
-def test_supercell_is_greedy_maximal_and_more_orthogonal(real_structures):
-    """Growth stops only when one more increment on the shortest sheared axis exceeds N,
-    and the sheared supercell is at least as orthogonal as the plain diagonal one."""
-    from scipy.linalg import rq
-
-    for s in real_structures:
-        lat, n = s.lattice.matrix, len(s)
-        m = fz.supercell_matrix(lat, n, 50)
-        inc = np.diag(m)
-        r, _ = rq(lat)
-        nxt = inc.copy()
-        nxt[np.argmin(inc * np.abs(np.diag(r)))] += 1
-        assert np.prod(nxt) * n > 50 >= np.prod(inc) * n or n > 50
-        assert _defect(m @ lat) <= _defect(np.diag(inc) @ lat) + 1e-9
-
-
-def test_supercell_sites_equal_pymatgen_supercell(real_structures):
-    """Sites (positions and species) equal pymatgen's `structure * M` as periodic sets."""
-    for i, s in enumerate(real_structures):
-        r = featurize_structure(s, FeaturizerConfig(primitive=False), name=str(i))
-        m = _integer_matrix(r, s)
-        sup = s * m
-        assert len(sup) == r.n_super
-        lat = r.lattice.astype(np.float64)
-        match = _periodic_match(r.super_coords.astype(np.float64), sup.cart_coords, lat)
-        assert (match >= 0).all(), f"structure {i}: supercell site missing from pymatgen's"
-        assert len(set(match.tolist())) == r.n_super
-        z_ours = r.atomic_numbers[r.image_of]
-        np.testing.assert_array_equal(z_ours, np.array(sup.atomic_numbers)[match])
-        # each image is a lattice translate of the input cell's site it comes from
-        diff = (r.super_coords - r.prim_coords[r.image_of]).astype(np.float64)
-        frac = diff @ np.linalg.inv(s.lattice.matrix)
-        assert np.abs(frac - np.rint(frac)).max() < 1e-4
-
-
-def test_supercell_matrix_is_upper_triangular_with_unit_shear(real_structures):
-    for s in real_structures:
-        m = fz.supercell_matrix(s.lattice.matrix, len(s), 50)
-        assert m.dtype.kind == "i"
-        assert np.all(np.tril(m, -1) == 0)
-        assert 1 <= round(np.linalg.det(m)) * len(s) <= max(50, len(s))
-    big = real_structures[-1]
-    np.testing.assert_array_equal(fz.supercell_matrix(big.lattice.matrix, 60, 50), np.eye(3))
-
-
-def test_rq_shear_matches_scipy_rq(real_structures):
-    from scipy.linalg import rq
-
-    lats = np.stack([s.lattice.matrix for s in real_structures])
-    lengths, shear = fz.rq_shear(lats)
-    for lat, ln, sh in zip(lats, lengths, shear, strict=True):
-        r, _ = rq(lat)
-        np.testing.assert_allclose(ln, np.abs(np.diag(r)), rtol=1e-10)
-        rinv = np.linalg.inv(r)
-        np.testing.assert_allclose(sh, rinv / np.diag(rinv)[:, None], atol=1e-10)
-        rows = sh @ lat
-        gram = rows @ rows.T
-        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-8)
-
-
-def test_lll_reduce_keeps_the_lattice_and_handedness():
-    rng = np.random.default_rng(1)
-    for _ in range(20):
-        base = Lattice.from_parameters(*rng.uniform(3, 6, 3), *rng.uniform(70, 110, 3)).matrix
-        skew = np.array([[1, 3, -2], [0, 1, 4], [0, 0, 1]]) @ base  # same lattice, bad basis
-        red = fz.lll_reduce(skew)
-        t = red @ np.linalg.inv(skew)
-        np.testing.assert_allclose(t, np.rint(t), atol=1e-8)
-        assert round(np.linalg.det(np.rint(t))) == 1
-        assert fz._is_reduced(red[None])[0]
-        assert not fz._is_reduced(skew[None])[0]
 
 
 def test_primitive_reduction_recovers_the_cell(real_structures):
@@ -243,45 +154,6 @@ def test_site_features_finite_for_every_element():
     for bad in (0, 104, 118):
         with pytest.raises(elements.ElementDataError, match=f"Z={bad}"):
             elements.site_features([6, bad])
-
-
-def test_pure_translation_detection_matches_a_direct_check(real_structures):
-    def direct(lat, frac, z):
-        for i in range(1, len(z)):
-            d = frac[None] - (frac[:, None] + frac[i] - frac[0])
-            d -= np.rint(d)
-            c = d @ lat
-            ok = (np.einsum("abk,abk->ab", c, c) < 0.02**2) & (z[:, None] == z[None])
-            if z[i] == z[0] and ok.any(1).all():
-                return True
-        return False
-
-    cells = [*real_structures, *(s * [1, 2, 1] for s in real_structures[:10])]
-    _, lat, fracs, zs, _ = fz._read_structures(cells, [str(i) for i in range(len(cells))])
-    n = np.array([len(z) for z in zs])
-    got = fz._pure_translations(lat, np.concatenate(fracs), np.concatenate(zs), n, max_pairs=64)
-    want = [direct(lt, f, z) for lt, f, z in zip(lat, fracs, zs, strict=True)]
-    assert got.tolist() == want
-    assert got[len(real_structures) :].all()
-
-
-def test_primitive_cells_of_shared_phonons_match_pymatgen(shared_data_dir):
-    """Real phonon structures: spglib-reduced cells have pymatgen's primitive size."""
-    from matminer.utils.io import load_dataframe_from_json
-
-    df = load_dataframe_from_json(str(shared_data_dir / "matbench_phonons.json.gz"), pbar=False)
-    structs = list(df["structure"])
-    _, lat, fracs, zs, _ = fz._read_structures(structs, [str(i) for i in range(len(structs))])
-    n = np.array([len(z) for z in zs])
-    flagged = np.flatnonzero(
-        fz._pure_translations(lat, np.concatenate(fracs), np.concatenate(zs), n)
-    )
-    assert 0 < len(flagged) < 50
-    rng = np.random.default_rng(0)
-    picks = [*flagged[:6].tolist(), *rng.choice(len(structs), 10, replace=False).tolist()]
-    recs = featurize([structs[i] for i in picks], progress=False)
-    for i, r in zip(picks, recs, strict=True):
-        assert r.n_prim == len(structs[i].get_primitive_structure(tolerance=0.02))
 
 
 # ------------------------------------------------------------------------------ errors
@@ -388,7 +260,7 @@ class _count_calls:
 
 
 def _cache_root(tmp_path):
-    return tmp_path / f"sitenet-v{fz.FORMAT_VERSION}-{FeaturizerConfig().key()}"
+    return tmp_path / f"sitenet-v{feature_cache.FORMAT_VERSION}-{FeaturizerConfig().key()}"
 
 
 def _assert_same(a: list[CrystalRecord], b: list[CrystalRecord]) -> None:
@@ -475,6 +347,70 @@ def test_cache_ignores_unreadable_shard(real_structures, tmp_path):
     finally:
         assert calls.stop() == 0
     assert len(out) == 3
+
+
+def test_cache_key_and_directory_of_existing_caches_are_kept():
+    """Compatibility pin: caches written by earlier versions must stay valid.
+
+    The values are those the featurizer has always produced for these configs; a change of
+    the key recipe or the directory layout silently re-featurizes every user's cache, so it
+    must come with a deliberate ``FORMAT_VERSION`` bump (and an update of this test).
+    """
+    assert feature_cache.FORMAT_VERSION == 1
+    assert FeaturizerConfig().key() == "eb612eed331d14b2"
+    assert FeaturizerConfig(max_supercell_sites=12, primitive=False).key() == "ac971a98215cd30a"
+    assert feature_cache.cache_root("cache", "k") == Path("cache") / "sitenet-v1-k"
+
+
+def test_shard_cache_round_trip_keeps_dtypes(real_structures, tmp_path):
+    _, lat, fracs, zs, _ = fz._read_structures(real_structures, [str(i) for i in range(24)])
+    lat, fracs, _ = supercell.check_and_reduce_cells(lat, fracs, [str(i) for i in range(24)])
+    block = supercell.supercell_sites(lat, fracs, zs, 50)
+    block.keys = feature_cache.content_keys(lat, fracs, zs)
+    cache = feature_cache.ShardCache(tmp_path, "somekey")
+    cache.write(block)
+    cache.save_index()
+    (shard,) = cache.root.glob("shard-*.npz")
+    with np.load(shard) as d:  # compact on disk
+        assert d["atomic_numbers"].dtype == np.uint8
+        assert d["image_of"].dtype == np.int16
+    found = feature_cache.ShardCache(tmp_path, "somekey").load([*block.keys, "f" * 32])
+    assert set(found) == set(block.keys)
+    loaded, row = found[block.keys[5]]
+    assert row == 5
+    for f in ("n_prim", "n_super", "atomic_numbers", "prim_coords", "super_coords", "image_of"):
+        np.testing.assert_array_equal(getattr(loaded, f), getattr(block, f))
+        assert getattr(loaded, f).dtype == getattr(block, f).dtype
+    np.testing.assert_array_equal(loaded.lattice, block.lattice)
+    assert feature_cache.ShardCache(tmp_path, "otherkey").load(block.keys) == {}
+
+
+def test_content_keys_identify_structures_by_content(real_structures):
+    s = real_structures[6]
+    moved = s.copy()
+    moved.translate_sites([0], [1e-4, 0, 0])
+    swapped = s.copy()
+    swapped.replace(0, "Xe" if s[0].specie.symbol != "Xe" else "Kr")
+    cells = [s, Structure.from_dict(s.as_dict()), moved, swapped, real_structures[7]]
+    _, lat, fracs, zs, _ = fz._read_structures(cells, [str(i) for i in range(len(cells))])
+    keys = feature_cache.content_keys(lat, fracs, zs)
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+    assert keys[1] == keys[0]  # an identical copy
+    assert len(set(keys[:1] + keys[2:])) == 4  # a moved atom, another species, another crystal
+    assert feature_cache.content_keys(lat[:0], [], []) == []
+
+
+def test_moved_names_are_reexported_and_dependencies_point_one_way():
+    for name in ("rq_shear", "lll_reduce", "primitive_cell", "supercell_matrix", "supercell_sites"):
+        assert getattr(fz, name) is getattr(supercell, name)
+    assert fz.FORMAT_VERSION == feature_cache.FORMAT_VERSION
+    assert fz.PRIMITIVE_SYMPREC == supercell.PRIMITIVE_SYMPREC
+    code = (
+        "import sys, matbench_dim.supercell, matbench_dim.feature_cache; "
+        "print('matbench_dim.featurize' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_featurize_is_deterministic_and_matches_single_calls(real_structures):

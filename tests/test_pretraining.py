@@ -70,7 +70,7 @@ def test_interrupted_pretraining_resumes_to_the_same_model(records, tmp_path):
     assert resumed.resumed_from_epoch == 3
     assert len(resumed.history) == 5
     for (k, a), (_, b) in zip(
-        full.encoder.state_dict().items(), resumed.encoder.state_dict().items()
+        full.encoder.state_dict().items(), resumed.encoder.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     np.testing.assert_allclose(

@@ -150,11 +150,6 @@ def test_matbench_params_carry_seed_and_versions(jdft2d_grid):
         assert params["versions"][name] == metadata.version(name), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending: matbench_params (recording.py) does not record the data sha256; "
-    "add 'data_sha256': result.data_sha256",
-)
 def test_matbench_params_carry_the_data_sha256(jdft2d_grid):
     task, out = jdft2d_grid
     params = fold_params(task, out)
@@ -194,11 +189,6 @@ def test_data_sha256_of_a_cif_folder_follows_its_content(real_structures, real_t
     assert cell_data_sha256(data.load_cif_dataset(tmp_path / "c"), tmp_path / "out_c") != sha_a
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending: cells.data_sha256 uses the zip's sha256 alone, ignoring the targets "
-    "read from an external CSV",
-)
 def test_data_sha256_of_a_zip_follows_its_external_targets(real_structures, real_targets, tmp_path):
     names = write_cif_folder(tmp_path / "cifs", real_structures[:10], list(real_targets[:10]))
     archive = tmp_path / "cifs.zip"
@@ -215,11 +205,6 @@ def test_data_sha256_of_a_zip_follows_its_external_targets(real_structures, real
     assert shas[0] != shas[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending: cells.data_sha256 of an in-memory task hashes ids, targets and folds "
-    "but not the structures",
-)
 def test_data_sha256_of_an_in_memory_task_follows_its_structures(
     real_structures, real_targets, tmp_path
 ):

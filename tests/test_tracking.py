@@ -436,8 +436,12 @@ def test_encoder_artifact_seeds_a_new_fine_tune(fitted_run, monkeypatch, real_ta
     est = SiteNetDIMRegressor(**{**TINY, "encoder_init": str(path)})
     est.fit(X[:16], real_targets[:16])
     assert est.pretrained_
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"encoder folder .* does not exist"):
         download_encoder(path / "missing")
+    estimator = tracking.download_artifact_dir(f"runs:/{fitted_run['run']}/estimator")
+    assert SiteNetDIMRegressor.load(estimator).n_train_ == 16
+    assert tracking.is_artifact_uri("runs:/abc/estimator")
+    assert not tracking.is_artifact_uri(path)
 
 
 def test_pyfunc_model_predicts_cif_strings_in_a_fresh_process(fitted_run, tmp_path):
@@ -493,3 +497,23 @@ def test_callback_survives_clone_and_pickle(fitted_run):
     client = mlflow.MlflowClient(fitted_run["tracker"].tracking_uri)
     history = client.get_metric_history(fitted_run["run"], "finetune/extra_metric")
     assert [(m.step, m.value) for m in history] == [(99, 1.5)]
+
+
+def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
+    """Several processes opening a brand-new store at once all get the same experiment."""
+    import subprocess
+    import sys
+
+    code = (
+        "from matbench_dim.tracking import setup_tracking; "
+        f"t = setup_tracking('sqlite:///{tmp_path}/m.db', 'race'); print(t.experiment_id)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-500:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1

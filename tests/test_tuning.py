@@ -341,6 +341,66 @@ def test_space_files_errors_and_yaml(tmp_path: Path) -> None:
     assert space.suggest(trial)["finetune__epochs"] in range(10, 101, 10)
 
 
+def test_package_reexports_the_public_api() -> None:
+    import importlib
+
+    import matbench_dim.tuning as tuning
+
+    api = {"DEFAULT_SPACES", "DEFAULT_STORAGE", "EncoderCache", "HeartbeatJournalStorage",
+           "InnerCVObjective", "InnerSplit", "OptunaPruningCallback", "ParamSpec", "SearchSpace",
+           "SpaceError", "best_params_path", "export_best", "inner_splits", "load_best_params",
+           "load_space", "load_spaces", "make_pruner", "resolve_storage", "study_name_for",
+           "tune"}  # fmt: skip
+    assert api <= set(tuning.__all__)
+    for name in tuning.__all__:
+        obj = getattr(tuning, name)
+        home = getattr(obj, "__module__", None)
+        if home is not None and home.startswith("matbench_dim.tuning."):
+            assert getattr(importlib.import_module(home), name) is obj, name
+    assert all(m.__doc__ for m in map(importlib.import_module, _submodules(tuning)))
+
+
+def _submodules(package: Any) -> list[str]:
+    import pkgutil
+
+    return [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+
+
+def test_default_spaces_found_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matbench_dim.tuning.spaces import default_space_dir
+
+    monkeypatch.chdir(tmp_path)  # no ./tuning/spaces here: the repository's folder is used
+    assert default_space_dir().resolve() == REPO / "tuning" / "spaces"
+    space = load_spaces()
+    assert all(Path(s).parent == REPO / "tuning" / "spaces" for s in space.sources)
+    assert space.defaults()["optimizer__lr"] == 1e-4
+    local = tmp_path / "tuning" / "spaces"
+    local.mkdir(parents=True)
+    write_space(local / "head.json", [{"name": "head__x", "type": "int", "low": 1, "high": 2}])
+    assert load_space("head").names == ["head__x"]  # ./tuning/spaces takes precedence
+
+
+def test_missing_space_folder_error_names_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matbench_dim.tuning.spaces as spaces
+
+    # a non-editable install: site-packages/matbench_dim/tuning/spaces.py, no tuning/spaces
+    installed = tmp_path / "site-packages" / "matbench_dim" / "tuning" / "spaces.py"
+    monkeypatch.setattr(spaces, "__file__", str(installed))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpaceError, match="non-editable install") as info:
+        load_spaces()
+    assert str(tmp_path / "site-packages" / "tuning" / "spaces") in str(info.value)
+    assert "'dim_pretraining'" in str(info.value)
+    with pytest.raises(SpaceError, match="does not exist") as info:
+        load_space("head", tmp_path / "nowhere")
+    assert "non-editable" not in str(info.value)
+    assert load_space(REPO / "tuning" / "spaces" / "head.json").names  # a path still works
+
+
 # ----------------------------------------------------------------------- splits, storage, names
 
 

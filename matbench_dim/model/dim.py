@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from matbench_dim.model.sitenet import (
     ACTIVATIONS,
@@ -94,7 +94,9 @@ class DIMConfig:
 
 def projection(n_in: int, hidden: int, n_out: int, activation: str = "mish") -> nn.Sequential:
     """Critic projection ``Linear -> act -> Linear`` (no normalisation, as in the seed)."""
-    return nn.Sequential(nn.Linear(n_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, n_out)
+    )
 
 
 class LossOutput(NamedTuple):
@@ -198,16 +200,18 @@ class LocalDIMLoss(nn.Module):
         t_neg = [self.scores(z, v) for v in negatives]
         with torch.no_grad():
             acc_pos = (positive.weights * (t_pos > 0)).sum(-1)
-            acc_neg = torch.stack([(v.weights * (t < 0)).sum(-1) for v, t in zip(negatives, t_neg)])
+            acc_neg = torch.stack(
+                [(v.weights * (t < 0)).sum(-1) for v, t in zip(negatives, t_neg, strict=True)]
+            )
             accuracy = per_crystal_mean_rows(0.5 * (acc_pos + acc_neg.mean(0)), row_crystal)
         if self.estimator == "jsd":
             pos = (positive.weights * F.softplus(-t_pos)).sum(-1)
             neg = torch.stack(
-                [(v.weights * F.softplus(t)).sum(-1) for v, t in zip(negatives, t_neg)]
+                [(v.weights * F.softplus(t)).sum(-1) for v, t in zip(negatives, t_neg, strict=True)]
             ).mean(0)
             return LossOutput(per_crystal_mean_rows(pos + neg, row_crystal), accuracy)
         s_pos = (positive.weights * t_pos).sum(-1)
-        s_neg = [(v.weights * t).sum(-1) for v, t in zip(negatives, t_neg)]
+        s_neg = [(v.weights * t).sum(-1) for v, t in zip(negatives, t_neg, strict=True)]
         logits = torch.stack([s_pos, *s_neg], dim=-1)
         nll = -torch.log_softmax(logits, dim=-1)[..., 0]
         return LossOutput(per_crystal_mean_rows(nll, row_crystal), accuracy)
@@ -274,7 +278,8 @@ class GlobalDIMLoss(nn.Module):
                 per_site = (F.softplus(all_scores) * others).sum(0) / (n - 1)
                 neg_terms.append(per_crystal_mean(per_site, site_mask))
             neg_terms += [
-                per_crystal_mean(F.softplus(t), m) for t, (_, m) in zip(t_false, false_locals)
+                per_crystal_mean(F.softplus(t), m)
+                for t, (_, m) in zip(t_false, false_locals, strict=True)
             ]
             neg = torch.stack(neg_terms).mean() if neg_terms else t_pos.new_zeros(())
             loss = pos + neg
@@ -283,7 +288,7 @@ class GlobalDIMLoss(nn.Module):
             cols = [all_scores.permute(1, 2, 0)]  # (q, p, b): T(G_b, z_qp)
             cols += [
                 torch.where(m, t, torch.full_like(t, float("-inf")))[..., None]
-                for t, (_, m) in zip(t_false, false_locals)
+                for t, (_, m) in zip(t_false, false_locals, strict=True)
                 if t.shape[1] == z.shape[1]
             ]
             logits = torch.cat(cols, dim=-1)
@@ -300,7 +305,8 @@ class GlobalDIMLoss(nn.Module):
                     per_crystal_mean(((all_scores < 0) & others).sum(0) / (n - 1), site_mask)
                 )
             neg_accs += [
-                per_crystal_mean((t < 0).float(), m) for t, (_, m) in zip(t_false, false_locals)
+                per_crystal_mean((t < 0).float(), m)
+                for t, (_, m) in zip(t_false, false_locals, strict=True)
             ]
             if neg_accs:
                 accs.append(torch.stack(neg_accs).mean())

@@ -18,6 +18,7 @@ The encoder has two stages, as in the Deep InfoMax configuration of the seed pap
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
@@ -87,9 +88,9 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.type in ("int", int) and f.name != "distance_expansion":
-                if int(getattr(self, f.name)) < 1:
-                    raise ValueError(f"encoder {f.name} must be >= 1, got {getattr(self, f.name)}")
+            positive_int = f.type in ("int", int) and f.name != "distance_expansion"
+            if positive_int and int(getattr(self, f.name)) < 1:
+                raise ValueError(f"encoder {f.name} must be >= 1, got {getattr(self, f.name)}")
         if self.site_dim % self.heads:
             raise ValueError(
                 f"encoder site_dim ({self.site_dim}) must be divisible by heads ({self.heads})"
@@ -122,7 +123,7 @@ def mlp(
 ) -> nn.Sequential:
     """MLP with an activation and LayerNorm after each hidden layer (and the last if asked)."""
     layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for k, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if k < len(sizes) - 2 or last_activation:
             layers.append(ACTIVATIONS[activation]())
@@ -211,7 +212,9 @@ class AttentionBlock(nn.Module):
         self.logits = nn.Linear(a, cfg.heads)
         self.values = nn.Linear(a, cfg.site_dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = mlp([cfg.site_dim, cfg.site_dim], last_activation=True, activation=cfg.activation)
+        self.out = mlp(
+            [cfg.site_dim, cfg.site_dim], last_activation=True, activation=cfg.activation
+        )
 
     def forward(
         self, h: Tensor, neighbour_index: Tensor, pair: Tensor, pair_mask: Tensor
@@ -264,7 +267,9 @@ class LocalEncoder(nn.Module):
         self.register_buffer("feature_mean", mean, persistent=False)
         self.register_buffer("feature_std", std, persistent=False)
         act = cfg.activation
-        self.site_embed = mlp([cfg.site_features, cfg.site_dim], last_activation=True, activation=act)
+        self.site_embed = mlp(
+            [cfg.site_features, cfg.site_dim], last_activation=True, activation=act
+        )
         self.pair_embed = mlp([cfg.pair_inputs, cfg.pair_dim], last_activation=True, activation=act)
         self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.blocks))
         self.mu = nn.Linear(cfg.site_dim, cfg.local_dim)
@@ -488,9 +493,9 @@ __all__ = [
     "SiteNetEncoder",
     "SiteNetRegressorNet",
     "count_parameters",
-    "to_padded",
-    "to_rows",
     "masked_mean",
     "pair_inputs",
     "reparametrise",
+    "to_padded",
+    "to_rows",
 ]
