@@ -46,6 +46,7 @@ from matbench_dim.cli_support import (
     task_spec,
     tuned_params,
 )
+from matbench_dim.results import check_writable
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -138,12 +139,12 @@ def run(
         **parse_params(param),
     }
     est = make_estimator(params)
+    check_writable(out)
     t = load_task_quietly(task, data_home=data_home)
     if not 0 <= fold < t.n_folds:
         raise UserError(f"--fold must be in 0..{t.n_folds - 1} for {task}, got {fold}")
     x_train, y_train = t.train_data(fold)
     ids = draw_subset(t.train_ids(fold), n_labels, fold=fold, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
     pool = None
     if encoder_from is not None:
         est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
@@ -248,6 +249,7 @@ def pretrain(
         "pretrain__checkpoint": str(ckpt),
     }
     est = make_estimator(params)
+    check_writable(out)
     if task is not None:
         t = load_task_quietly(task, target, data_home)
         X = pretraining_structures(t, fold, max_train_structures)
@@ -255,7 +257,6 @@ def pretrain(
     else:
         X = read_cifs(cifs)
         source, experiment = str(cifs), DEFAULT_EXPERIMENT
-    out.mkdir(parents=True, exist_ok=True)
     resuming = ckpt.exists()
     typer.echo(
         f"DIM pretraining on {len(X)} structures of {source} for {epochs} epochs"
@@ -340,6 +341,7 @@ def fit(
         **parse_params(param),
     }
     est = make_estimator(params)
+    check_writable(out)
     if csv is not None:
         existing(csv, "CSV file")
     t = load_cif_dataset(existing(cifs, "CIF folder or zip"), csv, target_column, n_splits=None)
@@ -402,9 +404,9 @@ def predict(
 
     folder = download_artifact_dir(model, None, tracking_uri, what="model folder")
     est = SiteNetDIMRegressor.load(folder)
+    check_writable(out.parent)
     X = read_cifs(cifs)
     pred = est.predict(X)
-    out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"id": X.index, "prediction": pred}).to_csv(out, index=False)
     echo_lines([f"{len(pred)} predictions: {out}"])
 

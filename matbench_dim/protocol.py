@@ -305,8 +305,7 @@ def run_grid(
         When a test id would reach pretraining or fitting.
     """
     t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = res.check_writable(out)  # a clear error now rather than after hours of work
     params = method_params or {}
     method_objs = [
         make_method(m, **params.get(m if isinstance(m, str) else m.name, {})).for_run(out)

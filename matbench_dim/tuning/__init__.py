@@ -2,8 +2,9 @@
 
 Pieces, from the inside out (one submodule each):
 
-- **Search spaces** (:mod:`.spaces`; files ``tuning/spaces/*.json`` at the repository root,
-  one per model family): declarative entries ``{"name", "type", "low", "high", "log", "step",
+- **Search spaces** (:mod:`.spaces`; default files ship in ``matbench_dim/tuning/spaces/``,
+  linked from the repository's ``tuning/spaces``; a ``./tuning/spaces`` folder of your own
+  takes precedence; one file per model family): declarative entries ``{"name", "type", "low", "high", "log", "step",
   "choices", "default"}`` whose names are the estimator's flat parameter names;
   :func:`load_spaces` validates them and the defaults (the seed's published values) become the
   first enqueued trial of a new study.
@@ -24,8 +25,8 @@ Pieces, from the inside out (one submodule each):
   :func:`load_best_params` (:mod:`.export`) write and read ``tuning/best/<task>_n<N>.json``
   for the benchmark protocol.
 
-Default paths (``tuning/optuna.db``, ``tuning/cache``, ``tuning/best``, ``tuning/spaces``) are
-relative to the working directory, i.e. the repository root's ``tuning/`` folder when run
+Default paths (``tuning/optuna.db``, ``tuning/cache``, ``tuning/best``) are relative to the
+working directory, i.e. the repository root's ``tuning/`` folder when run
 from there.
 """
 

@@ -155,26 +155,21 @@ def _read_mapping(path: Path) -> Any:
 
 
 def default_space_dir() -> Path:
-    """``./tuning/spaces`` when it exists, else the repository's, next to the package source.
+    """``./tuning/spaces`` when it exists (your own spaces), else the packaged defaults.
 
-    The second is ``<root>/tuning/spaces`` for this file at ``<root>/matbench_dim/tuning/``;
-    it exists in a source checkout (editable install), not in a non-editable install.
+    The default spaces ship inside the package (``matbench_dim/tuning/spaces``); the
+    repository's top-level ``tuning/spaces`` is a link to that folder, so running from the
+    repository root reads the same files.
     """
     local = Path("tuning") / "spaces"
-    return local if local.is_dir() else Path(__file__).resolve().parents[2] / "tuning" / "spaces"
+    return local if local.is_dir() else Path(__file__).resolve().parent / "spaces"
 
 
 def _missing_folder(source: str | os.PathLike[str], base: Path, *, default: bool) -> str:
     """Message for a family name looked up in a search-space folder that does not exist."""
-    why = (
-        f" (no ./tuning/spaces in the working directory {Path.cwd()}, and a non-editable"
-        " install does not ship the repository's tuning/spaces)"
-        if default
-        else ""
-    )
     return (
-        f"search space {str(source)!r} not found: the folder {base} does not exist{why}; "
-        "run from the repository root, or give space file paths or a folder"
+        f"search space {str(source)!r} not found: the folder {base} does not exist; "
+        "give space file paths or an existing folder"
     )
 
 
