@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -86,3 +87,22 @@ def flla_sample_task():
     from matbench_dim.data import load_task
 
     return load_task("flla", sample=True)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow SQLite store (creating its tables takes seconds)."""
+    from matbench_dim.tracking import setup_tracking
+
+    db = tmp_path_factory.mktemp("template_store") / "mlflow.db"
+    setup_tracking(f"sqlite:///{db}", "warm-up")
+    return db
+
+
+@pytest.fixture
+def store(empty_store, tmp_path) -> str:
+    """A fresh copy of the empty store for one test; its tracking URI."""
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(empty_store, db)
+    return f"sqlite:///{db}"

@@ -7,7 +7,6 @@ store, never to the repository's ``mlruns/``.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,24 +41,6 @@ def _in_tmp(monkeypatch, tmp_path):
     """Commands run in a temporary folder with no inherited MLflow store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow SQLite store (creating its tables takes seconds)."""
-    from matbench_dim.tracking import setup_tracking
-
-    db = tmp_path_factory.mktemp("template_store") / "mlflow.db"
-    setup_tracking(f"sqlite:///{db}", "warm-up")
-    return db
-
-
-@pytest.fixture
-def store(empty_store, tmp_path) -> str:
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(empty_store, db)
-    return f"sqlite:///{db}"
 
 
 def invoke(*args: str, code: int = 0):

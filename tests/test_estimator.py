@@ -17,6 +17,7 @@ from sklearn.utils.estimator_checks import (
     check_parameters_default_constructible,
     check_set_params,
 )
+from tiny_settings import EMBEDDER_TINY, TINY
 
 from matbench_dim.callbacks import Callback
 from matbench_dim.estimator import (
@@ -26,25 +27,6 @@ from matbench_dim.estimator import (
     PretrainedEncoder,
     SiteNetDIMRegressor,
 )
-
-TINY = {
-    "device": "cpu",
-    "encoder__site_dim": 16,
-    "encoder__pair_dim": 16,
-    "encoder__attention_hidden": 16,
-    "encoder__local_dim": 8,
-    "encoder__global_hidden": 16,
-    "encoder__global_dim": 8,
-    "encoder__activation": "silu",
-    "dim__critic_dim": 16,
-    "dim__critic_hidden": 16,
-    "pretrain__epochs": 2,
-    "pretrain__batch_sites": 150,
-    "finetune__epochs": 6,
-    "finetune__batch_sites": 150,
-    "finetune__patience": 0,
-}
-EMBEDDER_TINY = {k: v for k, v in TINY.items() if not k.startswith("finetune")}
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the MLflow runs each grid leaves (parent per task, child per pretraining and per
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +36,6 @@ def _no_ambient_store(monkeypatch, tmp_path):
     """No inherited MLflow store; a stray default store would land in a temporary folder."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow SQLite store (creating its tables takes seconds)."""
-    from matbench_dim.tracking import setup_tracking
-
-    db = tmp_path_factory.mktemp("template_store") / "mlflow.db"
-    setup_tracking(f"sqlite:///{db}", "warm-up")
-    return db
-
-
-@pytest.fixture
-def store(empty_store, tmp_path) -> str:
-    """A fresh copy of the empty store for one test; its tracking URI."""
-    db = tmp_path / "store" / "mlflow.db"
-    db.parent.mkdir()
-    shutil.copy(empty_store, db)
-    return f"sqlite:///{db}"
 
 
 def _runs(uri: str, task: str) -> list:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pymatgen.core import Element, Lattice, Structure
 from pymatgen.io.cif import CifWriter
+from tiny_settings import TINY
 
 from matbench_dim import data, matbench_io
 from matbench_dim.datasets.cif import CifError
@@ -36,24 +37,6 @@ from matbench_dim.featurize import (
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
 from matbench_dim.protocol import draw_subset, run_grid
-
-TINY = {  # tests/test_estimator.py's tiny settings
-    "device": "cpu",
-    "encoder__site_dim": 16,
-    "encoder__pair_dim": 16,
-    "encoder__attention_hidden": 16,
-    "encoder__local_dim": 8,
-    "encoder__global_hidden": 16,
-    "encoder__global_dim": 8,
-    "encoder__activation": "silu",
-    "dim__critic_dim": 16,
-    "dim__critic_hidden": 16,
-    "pretrain__epochs": 2,
-    "pretrain__batch_sites": 150,
-    "finetune__epochs": 6,
-    "finetune__batch_sites": 150,
-    "finetune__patience": 0,
-}
 
 NOBLE_GASES = ["He", "Ne", "Ar", "Kr", "Xe", "Rn"]
 ACTINIDES = [Element.from_Z(z).symbol for z in range(89, 104)]  # Ac .. Lr

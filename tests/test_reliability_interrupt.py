@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_settings import TINY_PRETRAIN
 
 from matbench_dim import results as res
 from matbench_dim.callbacks import Callback
@@ -28,22 +29,6 @@ from matbench_dim.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
 from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim
-
-TINY_PRETRAIN = {  # the pretraining part of tests/test_estimator.py's TINY settings
-    "device": "cpu",
-    "encoder__site_dim": 16,
-    "encoder__pair_dim": 16,
-    "encoder__attention_hidden": 16,
-    "encoder__local_dim": 8,
-    "encoder__global_hidden": 16,
-    "encoder__global_dim": 8,
-    "encoder__activation": "silu",
-    "dim__critic_dim": 16,
-    "dim__critic_hidden": 16,
-    "pretrain__batch_sites": 150,
-    "pretrain__val_fraction": 0.2,
-    "pretrain__patience": 0,
-}
 
 PRETRAIN_SCRIPT = """
 import json, sys, time

@@ -15,29 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from pymatgen.io.cif import CifWriter
+from tiny_settings import TINY
 
 from matbench_dim import data, matbench_io
 from matbench_dim import results as res
 from matbench_dim.estimator import SiteNetDIMRegressor
 from matbench_dim.protocol import run_grid
-
-TINY = {  # tests/test_estimator.py's tiny settings
-    "device": "cpu",
-    "encoder__site_dim": 16,
-    "encoder__pair_dim": 16,
-    "encoder__attention_hidden": 16,
-    "encoder__local_dim": 8,
-    "encoder__global_hidden": 16,
-    "encoder__global_dim": 8,
-    "encoder__activation": "silu",
-    "dim__critic_dim": 16,
-    "dim__critic_hidden": 16,
-    "pretrain__epochs": 2,
-    "pretrain__batch_sites": 150,
-    "finetune__epochs": 6,
-    "finetune__batch_sites": 150,
-    "finetune__patience": 0,
-}
 
 FIT_SCRIPT = """
 import json, sys

@@ -137,25 +137,13 @@ def per_crystal_mean_rows(per_row: Tensor, row_crystal: Tensor) -> Tensor:
     return (sums[present] / counts[present]).mean()
 
 
-class LocalDIMLoss(nn.Module):
-    """Local DIM: site vector ``z_i`` vs its weighted pair rows, against negative rows.
-
-    Parameters
-    ----------
-    local_dim
-        Width of ``z``.
-    pair_features
-        Width of a pair row entry ``[s_j, d_ij]`` (site features + 1).
-    critic_dim, critic_hidden
-        Critic sizes.
-    estimator
-        ``"jsd"`` or ``"infonce"``.
-    """
+class _DotCritic(nn.Module):
+    """Separable critic ``T(a, b) = <f(a), g(b)>`` and the MI estimator that scores it."""
 
     def __init__(
         self,
-        local_dim: int,
-        pair_features: int,
+        n_left: int,
+        n_right: int,
         critic_dim: int = 128,
         critic_hidden: int = 64,
         estimator: str = "jsd",
@@ -165,8 +153,17 @@ class LocalDIMLoss(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
-        self.f = projection(local_dim, critic_hidden, critic_dim, activation)
-        self.g = projection(pair_features, critic_hidden, critic_dim, activation)
+        self.f = projection(n_left, critic_hidden, critic_dim, activation)
+        self.g = projection(n_right, critic_hidden, critic_dim, activation)
+
+
+class LocalDIMLoss(_DotCritic):
+    """Local DIM: site vector ``z_i`` vs its weighted pair rows, against negative rows.
+
+    Constructor (:class:`_DotCritic`): ``n_left`` = width of ``z`` (local_dim), ``n_right`` =
+    width of a pair row entry ``[s_j, d_ij]`` (site features + 1), critic sizes, estimator
+    (``"jsd"`` or ``"infonce"``), activation.
+    """
 
     def scores(self, z: Tensor, view: PairView) -> Tensor:
         """Critic scores ``T(z_i, u_ij) = <f(z_i), g(u_ij)>``: ``(R, S)``.
@@ -217,28 +214,13 @@ class LocalDIMLoss(nn.Module):
         return LossOutput(per_crystal_mean_rows(nll, row_crystal), accuracy)
 
 
-class GlobalDIMLoss(nn.Module):
+class GlobalDIMLoss(_DotCritic):
     """Global DIM: crystal vector ``G`` vs the crystal's local vectors, against negatives.
 
     Negatives of a local vector ``z_qi`` are the other crystals' ``G_b`` (``b != q``) and,
-    when given, engineered false local vectors paired with the crystal's own ``G``.
+    when given, engineered false local vectors paired with the crystal's own ``G``. Constructor:
+    ``n_left`` = global_dim, ``n_right`` = local_dim (see :class:`_DotCritic`).
     """
-
-    def __init__(
-        self,
-        global_dim: int,
-        local_dim: int,
-        critic_dim: int = 128,
-        critic_hidden: int = 64,
-        estimator: str = "jsd",
-        activation: str = "mish",
-    ) -> None:
-        super().__init__()
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.estimator = estimator
-        self.f = projection(global_dim, critic_hidden, critic_dim, activation)
-        self.g = projection(local_dim, critic_hidden, critic_dim, activation)
 
     def forward(
         self,

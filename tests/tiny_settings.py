@@ -1,0 +1,32 @@
+"""Tiny Site-Net settings shared by the tests: real code paths, seconds of CPU."""
+
+from __future__ import annotations
+
+TINY: dict = {
+    "device": "cpu",
+    "encoder__site_dim": 16,
+    "encoder__pair_dim": 16,
+    "encoder__attention_hidden": 16,
+    "encoder__local_dim": 8,
+    "encoder__global_hidden": 16,
+    "encoder__global_dim": 8,
+    "encoder__activation": "silu",
+    "dim__critic_dim": 16,
+    "dim__critic_hidden": 16,
+    "pretrain__epochs": 2,
+    "pretrain__batch_sites": 150,
+    "finetune__epochs": 6,
+    "finetune__batch_sites": 150,
+    "finetune__patience": 0,
+}
+"""Estimator keywords for :class:`~matbench_dim.estimator.SiteNetDIMRegressor`."""
+
+EMBEDDER_TINY: dict = {k: v for k, v in TINY.items() if not k.startswith("finetune")}
+"""The same for :class:`~matbench_dim.estimator.DIMEmbedder` (no fine-tuning keywords)."""
+
+TINY_PRETRAIN: dict = {
+    **{k: v for k, v in EMBEDDER_TINY.items() if k != "pretrain__epochs"},
+    "pretrain__val_fraction": 0.2,
+    "pretrain__patience": 0,
+}
+"""Pretraining-only settings; the caller chooses the number of epochs."""
