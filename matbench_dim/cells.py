@@ -129,15 +129,22 @@ class CellOutput:
     predictions: np.ndarray
 
 
-def pretrain_paths(out: Path, task: Task, fold: int, key: str) -> tuple[Path, Path]:
-    """``(artefact, manifest)`` of a fold's pretraining of family ``key`` under ``out``."""
-    folder = (
-        out
-        / "pretrained"
-        / res.safe_name(task.name)
-        / res.safe_name(task.target_name)
-        / f"fold{fold}"
-    )
+def pretrain_paths(
+    out: Path, task: Task, fold: int, key: str, label_free: bool = False
+) -> tuple[Path, Path]:
+    """``(artefact, manifest)`` of a fold's pretraining of family ``key`` under ``out``.
+
+    A label-free pretraining (DIM) lives under ``<task>/label-free/fold<k>-<digest>``, the
+    digest being that of the ids the fold offers to pretraining, so every target of a task
+    with the same pool reuses it; a supervised one lives under the target it was made for.
+    """
+    base = out / "pretrained" / res.safe_name(task.name)
+    if label_free:
+        ids = "\n".join(sorted(str(i) for i in task.unlabelled_structures(fold).index))
+        digest = hashlib.sha256(ids.encode()).hexdigest()[:10]
+        folder = base / "label-free" / f"fold{fold}-{digest}"
+    else:
+        folder = base / res.safe_name(task.target_name) / f"fold{fold}"
     return folder / res.safe_name(key), folder / f"{res.safe_name(key)}.json"
 
 

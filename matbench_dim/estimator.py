@@ -389,6 +389,8 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         finetune__loss: str = "mse",
         finetune__head_hidden: int = 64,
         finetune__grad_clip: float = 10.0,
+        finetune__encoder_lr_scale: float = 1.0,
+        finetune__head_warmup_epochs: int = 0,
     ) -> None:
         self.mode = mode
         self.encoder_init = encoder_init
@@ -439,6 +441,8 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         self.finetune__loss = finetune__loss
         self.finetune__head_hidden = finetune__head_hidden
         self.finetune__grad_clip = finetune__grad_clip
+        self.finetune__encoder_lr_scale = finetune__encoder_lr_scale
+        self.finetune__head_warmup_epochs = finetune__head_warmup_epochs
 
     # ------------------------------------------------------------------ configs
     def _finetune_cfg(self) -> FinetuneConfig:

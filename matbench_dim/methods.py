@@ -58,6 +58,10 @@ class Method:
     pretrain_key
         ``None`` for methods without pretraining. Methods with the same key share one
         pretrained artefact per (task, fold) (``dim`` and ``dim_rf``).
+    pretrain_label_free
+        True when pretraining reads no label of any target (DIM): the artefact then depends
+        only on the fold's training structures and is shared by every target of the task
+        whose fold has the same training ids (e.g. a task's formation energy and band gap).
     featurizer
         Name of a :class:`matbench_dim.baselines.FeatureCache` featurizer the method uses;
         the grid computes it once per task entry and shares it with the workers.
@@ -66,6 +70,7 @@ class Method:
     name: str = ""
     mode: str = "baseline"
     pretrain_key: str | None = None
+    pretrain_label_free: bool = False
     featurizer: str | None = None
 
     def build(self, random_state: int, pretrained: Path | None) -> Any:
@@ -215,6 +220,7 @@ class SiteNetMethod(Method):
         digest = hashlib.sha256(
             json.dumps(_json_safe(semantic), sort_keys=True).encode()
         ).hexdigest()[:10]
+        self.pretrain_label_free = name in ("dim", "dim_rf")
         if name in ("dim", "dim_rf"):
             self.pretrain_key = f"dim-{digest}"
         elif name == "transfer":

@@ -417,15 +417,20 @@ def _run_pending(
 
     stack, jobs = _parallel_context(n_jobs, backend, scheduler_address)
     with stack:
-        pre_jobs, pre_paths = [], {}
+        pre_jobs, pre_paths, pre_artefacts = [], {}, set()
         for ref, task, method, cell in pending:
             if method.pretrain_key is None:
                 continue
-            artefact, manifest = pretrain_paths(out, task, cell.fold, method.pretrain_key)
+            artefact, manifest = pretrain_paths(
+                out, task, cell.fold, method.pretrain_key, method.pretrain_label_free
+            )
             key = (id(task), cell.fold, method.pretrain_key)
             if key in pre_paths:
                 continue
             pre_paths[key] = (artefact, manifest)
+            if artefact in pre_artefacts:  # a label-free artefact another target already needs
+                continue
+            pre_artefacts.add(artefact)
             if manifest.exists():
                 _check_same_settings(manifest, method, max_train_structures, cell=False)
             else:

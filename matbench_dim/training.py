@@ -115,6 +115,12 @@ class FinetuneConfig:
         in transfer.
     grad_clip
         Maximum gradient norm (0: no clipping).
+    encoder_lr_scale
+        The encoder's learning rate as a fraction of ``lr`` (the head always trains at ``lr``);
+        1 trains the whole network at one rate, as the seed does.
+    head_warmup_epochs
+        Epochs that train only the head, with the encoder frozen, before the whole network is
+        fine-tuned ("linear probing, then fine-tuning"; 0: none).
     """
 
     epochs: int = 300
@@ -126,9 +132,17 @@ class FinetuneConfig:
     head_hidden: int = 64
     freeze_encoder: bool = False
     grad_clip: float = 10.0
+    encoder_lr_scale: float = 1.0
+    head_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         _check_loop(self, "finetune")
+        if not self.encoder_lr_scale > 0:
+            raise ValueError(f"finetune encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
+        if self.head_warmup_epochs < 0:
+            raise ValueError(
+                f"finetune head_warmup_epochs must be >= 0, got {self.head_warmup_epochs}"
+            )
         if self.loss not in ("mse", "l1"):
             raise ValueError(f"finetune loss must be 'mse' or 'l1', got {self.loss!r}")
         if self.lr is not None and not self.lr > 0:
@@ -548,11 +562,19 @@ def finetune(
     net.to(device)
     y = torch.as_tensor(np.asarray(y_scaled, dtype=np.float32))
     train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, seed + 1)
-    params = net.head.parameters() if cfg.freeze_encoder else net.parameters()
+    lr = cfg.lr if cfg.lr is not None else optimizer_cfg.lr
     if cfg.freeze_encoder:
+        params: Any = net.head.parameters()
         for p in net.encoder.parameters():
             p.requires_grad_(False)
-    opt = optimizer_cfg.make(params, lr=cfg.lr)
+    elif cfg.encoder_lr_scale != 1.0:
+        params = [
+            {"params": list(net.head.parameters())},
+            {"params": list(net.encoder.parameters()), "lr": lr * cfg.encoder_lr_scale},
+        ]
+    else:
+        params = net.parameters()
+    opt = optimizer_cfg.make(params, lr=lr)
     loss_fn = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
     history: list[dict[str, float]] = []
     state = TrainingState(
@@ -569,6 +591,10 @@ def finetune(
     try:
         for epoch in bar:
             torch.manual_seed(_epoch_seed(seed, epoch))
+            if not cfg.freeze_encoder and cfg.head_warmup_epochs:
+                warm = epoch < cfg.head_warmup_epochs
+                for p in net.encoder.parameters():
+                    p.requires_grad_(not warm)
             net.train()
             tot, abs_err, count = 0.0, 0.0, 0
             for b_idx in _batches(records, train_idx, cfg.batch_sites, _epoch_seed(seed, epoch)):
@@ -615,9 +641,8 @@ def finetune(
         bar.close()
     if best["state"] is not None:
         net.load_state_dict(best["state"])
-    if cfg.freeze_encoder:
-        for p in net.encoder.parameters():
-            p.requires_grad_(True)
+    for p in net.encoder.parameters():
+        p.requires_grad_(True)
     call_hook(cbs, "on_train_end", "finetune", state)
     net.cpu().eval()
     return history, int(best["epoch"])

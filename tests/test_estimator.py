@@ -161,6 +161,31 @@ def test_pretrained_encoder_is_reused_without_pretraining_again(data, tmp_path):
         SiteNetDIMRegressor(**{**TINY, "encoder__local_dim": 4}, encoder_init=str(path)).fit(x, y)
 
 
+def _encoder_change(est, start) -> float:
+    now = est.model_.encoder.state_dict()
+    return max(float((now[k] - v).abs().max()) for k, v in start.state_dict.items())
+
+
+def test_head_warmup_and_encoder_lr_scale(data, tmp_path):
+    """Head warm-up keeps the pretrained encoder fixed while the head trains; a small
+    encoder learning-rate scale moves the encoder less than the default."""
+    x, y, x_unlab = data
+    path = SiteNetDIMRegressor(**TINY).pretrain(x_unlab).save_encoder(tmp_path / "enc")
+    start = PretrainedEncoder.load(path)
+    kw = {**TINY, "encoder_init": str(path), "finetune__val_fraction": 0.0}
+    warm = SiteNetDIMRegressor(**kw, finetune__head_warmup_epochs=6).fit(x, y)
+    assert _encoder_change(warm, start) == 0.0
+    assert all(p.requires_grad for p in warm.model_.encoder.parameters())
+    full = SiteNetDIMRegressor(**kw).fit(x, y)
+    slow = SiteNetDIMRegressor(**kw, finetune__encoder_lr_scale=0.01).fit(x, y)
+    assert 0.0 < _encoder_change(slow, start) < 0.1 * _encoder_change(full, start)
+    part = SiteNetDIMRegressor(**kw, finetune__head_warmup_epochs=3).fit(x, y)
+    assert _encoder_change(part, start) > 0.0
+    for bad in ({"finetune__encoder_lr_scale": 0.0}, {"finetune__head_warmup_epochs": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad)).split("__")[1]):
+            SiteNetDIMRegressor(**TINY, **bad).fit(x, y)
+
+
 def test_random_init_differs_from_pretrained_start(data):
     x, y, _x_unlab = data
     rnd = SiteNetDIMRegressor(**TINY).fit(x, y)

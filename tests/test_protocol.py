@@ -331,6 +331,25 @@ def test_method_registry():
         make_method("transfer")
 
 
+def test_label_free_pretraining_is_shared_across_targets(tmp_path):
+    """DIM never reads labels, so a task's two targets (same folds, same pool) share one
+    encoder per fold; a second run finds it and pretrains nothing."""
+    tiny = {"pretrain__epochs": 1, "finetune__epochs": 2, "finetune__patience": 0, "device": "cpu"}
+    tasks = [load_task("sample:perovskites_subset", target=t) for t in ("e_form", "gap")]
+    grid = {"folds": [0], "n_labels": [8], "seeds": [0], "methods": ["dim"]}
+    grid.update(method_params={"dim": {"estimator_params": tiny}}, max_train_structures=20)
+    summary = run_cells(tasks, tmp_path, **grid)
+    assert summary.n_pretrained == 1
+    assert summary.n_run == 2
+    table = summary.results()
+    assert set(table["target"]) == {"e_form", "gap gllbsc"}
+    (encoder,) = {p["pretrained"] for p in table["params"]}
+    assert "label-free" in encoder
+    more = run_cells(tasks, tmp_path, **{**grid, "seeds": [1]})
+    assert more.n_pretrained == 0
+    assert more.n_run == 2
+
+
 def test_sitenet_methods_run_on_a_sample(tmp_path, store):
     """DIM, random-init, transfer and representation methods through the real estimator,
     each cell and each pretraining leaving a FINISHED MLflow run with per-epoch curves."""
