@@ -527,12 +527,18 @@ def report(
     out: Annotated[
         Path | None, typer.Option(help="Where to write (default RESULTS_DIR/report).")
     ] = None,
-    reference: Annotated[str, typer.Option(help="Method compared pairwise to the others.")] = "dim",
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Method compared pairwise to the others (repeatable; default dim, dim_rf)."
+        ),
+    ] = None,
 ) -> None:
     """Learning curves (PNG), a markdown table and paired statistics from a results folder."""
     from matbench_dim.report import write_report
 
-    paths = write_report(existing(results_dir, "results folder"), out, reference=reference)
+    refs = split_values(reference) if reference else ["dim", "dim_rf"]
+    paths = write_report(existing(results_dir, "results folder"), out, reference=refs)
     lines = [f"table: {paths.pop('markdown')}"]
     lines += [f"learning curve {key}: {png}" for key, png in paths.items()]
     echo_lines(lines)

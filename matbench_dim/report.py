@@ -248,7 +248,7 @@ def _paired_markdown(paired: pd.DataFrame, reference: str, digits: int = 3) -> s
 def write_report(
     out: str | Path,
     dest: str | Path | None = None,
-    reference: str = "dim",
+    reference: str | Sequence[str] = ("dim", "dim_rf"),
     results: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md`` and one learning-curve PNG per (task, target) into ``dest``.
@@ -260,7 +260,9 @@ def write_report(
     dest
         Where to write (default ``out/report``).
     reference
-        Method compared pairwise with every other one (skipped when absent).
+        Method(s) compared pairwise with every other one, one table each (skipped when
+        absent): by default DIM transfer (``dim``) and the forest on frozen DIM vectors
+        (``dim_rf``).
     results
         Cells to use instead of loading them from ``out``.
 
@@ -276,7 +278,8 @@ def write_report(
     dest.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     parts = ["# Label-masking learning curves\n"]
-    paired = paired_comparison(results, reference=reference)
+    references = [reference] if isinstance(reference, str) else list(reference)
+    paired = {ref: paired_comparison(results, reference=ref) for ref in references}
     for (task, target), sub in results.groupby(["task", "target"], sort=True):
         png = dest / f"learning_curve_{safe_name(task)}_{safe_name(target)}.png"
         plot_learning_curve(sub, task, target, png)
@@ -290,10 +293,11 @@ def write_report(
                 "\nRows `anchor: ...` are the reference values of issue 5 "
                 "(`matbench_dim.report.REFERENCE_ANCHORS`).\n"
             )
-        mine = paired[(paired["task"] == task) & (paired["target"] == target)]
-        if not mine.empty:
-            parts.append(f"\nPaired comparison with `{reference}` over matching (fold, seed):\n\n")
-            parts.append(_paired_markdown(mine, reference))
+        for ref, table in paired.items():
+            mine = table[(table["task"] == task) & (table["target"] == target)]
+            if not mine.empty:
+                parts.append(f"\nPaired comparison with `{ref}` over matching (fold, seed):\n\n")
+                parts.append(_paired_markdown(mine, ref))
         parts.append("\n")
     md = dest / "report.md"
     md.write_text("\n".join(parts), encoding="utf-8")

@@ -157,3 +157,17 @@ def test_write_report_from_folder(tmp_path, fake_results):
     assert all("| 6 |" in ln for ln in paired_lines)
     with pytest.raises(ValueError, match="no cell results"):
         write_report(tmp_path / "nothing")
+
+
+def test_report_has_one_paired_table_per_reference(tmp_path, fake_results):
+    rf = fake_results[fake_results["method"] == "dim"].assign(method="dim_rf")
+    rf["mae"] = rf["mae"] + 0.01
+    both = pd.concat([fake_results, rf], ignore_index=True)
+    md = write_report(tmp_path, results=both)["markdown"].read_text()
+    assert "Paired comparison with `dim` " in md
+    assert "Paired comparison with `dim_rf` " in md
+    # dim_rf is worse than dim by 0.01 in every pair: dim wins all 6, dim_rf none
+    assert "| dim_rf | 50 | 6 | 1.00 | 0.010 |" in md
+    assert "| dim | 50 | 6 | 0.00 | -0.010 |" in md
+    only = write_report(tmp_path / "one", results=both, reference="dim")["markdown"].read_text()
+    assert "with `dim_rf`" not in only
