@@ -39,11 +39,13 @@ __all__ = [
     "Cell",
     "CellOutput",
     "TaskRef",
+    "current_log_levels",
     "data_sha256",
     "pretrain_paths",
     "resolve_task",
     "run_cell",
     "run_pretrain",
+    "worker_logging",
 ]
 
 
@@ -129,6 +131,33 @@ class CellOutput:
     predictions: np.ndarray
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+def current_log_levels() -> dict[str, int]:
+    """This process's levels of the loggers a grid worker should mirror (``""`` = root)."""
+    return {
+        name: logging.getLogger(name or None).level for name in ("", "matbench_dim", "matbench")
+    }
+
+
+def worker_logging(levels: dict[str, int] | None) -> None:
+    """Give a worker process the parent's log levels, so that ``-v`` shows the progress of
+    pretrainings and cells run by loky or Dask workers (which start with no handler).
+
+    Does nothing without ``levels`` or where the root logger already has a handler (the
+    parent process itself, when ``n_jobs=1``).
+    """
+    if not levels:
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=levels.get("", logging.WARNING), format=LOG_FORMAT)
+    for name, level in levels.items():
+        if name:
+            logging.getLogger(name).setLevel(level)
+
+
 def pretrain_paths(
     out: Path, task: Task, fold: int, key: str, label_free: bool = False
 ) -> tuple[Path, Path]:
@@ -157,12 +186,14 @@ def run_pretrain(
     manifest_path: str,
     tracker: Tracker | NullTracker | None = None,
     parent_run_id: str | None = None,
+    log_levels: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Pretrain ``method`` for one fold (worker side); write the artefact, then its manifest
     (whose presence marks the pretraining as done). With a tracker, the pretraining is a
     child run of ``parent_run_id`` with per-epoch metrics and the artefact as ``encoder``."""
     from matbench_dim.protocol import check_disjoint, pretraining_pool  # the grid's rules
 
+    worker_logging(log_levels)
     task = resolve_task(task_ref)
     where = f"task {task.name} fold {fold}"
     pool_all = task.unlabelled_structures(fold)
@@ -224,6 +255,7 @@ def run_cell(
     feature_files: Sequence[str],
     tracker: Tracker | NullTracker | None = None,
     parent_run_id: str | None = None,
+    log_levels: dict[str, int] | None = None,
 ) -> CellOutput:
     """Fit one cell on its labelled subset, predict the fold's test set, save (worker side).
 
@@ -233,6 +265,7 @@ def run_cell(
     from matbench_dim.baselines import get_cache
     from matbench_dim.protocol import check_disjoint, draw_subset  # the grid's rules
 
+    worker_logging(log_levels)
     task = resolve_task(task_ref)
     where = f"task {task.name} fold {cell.fold} method {cell.method} n={cell.n} seed={cell.seed}"
     test_ids = task.test_ids(cell.fold)

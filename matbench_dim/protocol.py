@@ -46,6 +46,7 @@ from matbench_dim import results as res
 from matbench_dim.cells import (
     Cell,
     TaskRef,
+    current_log_levels,
     data_sha256,
     pretrain_paths,
     resolve_task,
@@ -416,6 +417,7 @@ def _run_pending(
             )
 
     stack, jobs = _parallel_context(n_jobs, backend, scheduler_address)
+    levels = current_log_levels()
     with stack:
         pre_jobs, pre_paths, pre_artefacts = [], {}, set()
         for ref, task, method, cell in pending:
@@ -443,6 +445,7 @@ def _run_pending(
                         str(artefact),
                         str(manifest),
                         *runs.child_args(task),
+                        log_levels=levels,
                     )
                 )
         if pre_jobs:
@@ -467,6 +470,7 @@ def _run_pending(
                     max_train_structures,
                     feature_files[(id(task), method.name)],
                     *runs.child_args(task),
+                    log_levels=levels,
                 )
             )
         tasks_by_key = {_task_key(t): t for _, t, _, _ in pending}

@@ -4,6 +4,8 @@ the MLflow runs each grid leaves (parent per task, child per pretraining and per
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +490,30 @@ def test_matbench_records_are_valid_and_resume(tmp_path, store):
     again = run_cells(["matbench_jdft2d"], tmp_path, **grid)
     assert (again.n_run, again.n_recorded) == (0, 5)
     assert MatbenchBenchmark.from_file(str(path)).validate() == {}
+
+
+def test_worker_processes_mirror_the_parent_log_levels():
+    """loky/Dask workers start with no log handler: the grid hands them the parent's levels,
+    so that ``-v`` shows their progress while matbench's own INFO chatter stays quiet."""
+    code = (
+        "import logging\n"
+        "from matbench_dim.cells import worker_logging\n"
+        "worker_logging({'': logging.INFO, 'matbench_dim': 0, 'matbench': logging.WARNING})\n"
+        "logging.getLogger('matbench_dim.cells').info('cell done')\n"
+        "logging.getLogger('matbench').info('matbench chatter')\n"
+        "worker_logging(None)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "INFO" in out.stderr
+    assert "matbench_dim.cells: cell done" in out.stderr
+    assert "matbench chatter" not in out.stderr
+    silent = subprocess.run(
+        [sys.executable, "-c", code.replace("logging.INFO", "logging.WARNING")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "cell done" not in silent.stderr
