@@ -45,6 +45,7 @@ from matbench_dim import recording as rec
 from matbench_dim import results as res
 from matbench_dim.cells import (
     Cell,
+    CellOutput,
     TaskRef,
     current_log_levels,
     data_sha256,
@@ -405,7 +406,7 @@ def _run_pending(
     backend: str,
     scheduler_address: str | None,
 ) -> None:
-    """Pretrain what the pending cells need, then run the cells (joblib or Dask), recording
+    """Pretrain what the pending cells need and run the cells (joblib or Dask), recording
     each finished cell of a matbench task as it arrives."""
 
     feature_files: dict[tuple[int, str], list[str]] = {}
@@ -448,33 +449,31 @@ def _run_pending(
                         log_levels=levels,
                     )
                 )
-        if pre_jobs:
-            for _ in joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(pre_jobs):
-                summary.n_pretrained += 1
+        tasks_by_key = {_task_key(t): t for _, t, _, _ in pending}
 
-        cell_jobs = []
-        for ref, task, method, cell in pending:
+        def cell_job(ref: TaskRef | Task, task: Task, method: Method, cell: Cell) -> Any:
             pretrained, n_pretrain = None, 0
             if method.pretrain_key is not None:
                 artefact, manifest = pre_paths[(id(task), cell.fold, method.pretrain_key)]
                 pretrained = str(artefact)
                 n_pretrain = int(json.loads(manifest.read_text())["n_pretrain"])
-            cell_jobs.append(
-                joblib.delayed(run_cell)(
-                    ref,
-                    method,
-                    cell,
-                    str(out),
-                    pretrained,
-                    n_pretrain,
-                    max_train_structures,
-                    feature_files[(id(task), method.name)],
-                    *runs.child_args(task),
-                    log_levels=levels,
-                )
+            return joblib.delayed(run_cell)(
+                ref,
+                method,
+                cell,
+                str(out),
+                pretrained,
+                n_pretrain,
+                max_train_structures,
+                feature_files[(id(task), method.name)],
+                *runs.child_args(task),
+                log_levels=levels,
             )
-        tasks_by_key = {_task_key(t): t for _, t, _, _ in pending}
-        for output in joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(cell_jobs):
+
+        def collect(output: Any) -> None:
+            if not isinstance(output, CellOutput):  # a pretraining's manifest
+                summary.n_pretrained += 1
+                return
             summary.n_run += 1
             task = tasks_by_key[(output.cell.task, output.cell.target)]
             if recorder is not None and task.is_matbench:
@@ -488,6 +487,19 @@ def _run_pending(
                 summary.n_recorded += recorder.record(
                     task, output.cell, output.result, predictions, subset
                 )
+
+        # Phase 1: the pretrainings, with the cells that need none beside them (baselines,
+        # random init keep the other workers busy during a long pretraining). Phase 2: the
+        # cells that start from a pretrained artefact.
+        free = [cell_job(*p) for p in pending if p[2].pretrain_key is None]
+        parallel = joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")
+        if pre_jobs or free:
+            for output in parallel([*pre_jobs, *free]):
+                collect(output)
+        dependent = [cell_job(*p) for p in pending if p[2].pretrain_key is not None]
+        if dependent:
+            for output in parallel(dependent):
+                collect(output)
 
 
 def _check_same_settings(
