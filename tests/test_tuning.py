@@ -647,7 +647,12 @@ def test_real_sitenet_study_reuses_pretraining(task: Any, tmp_path: Path) -> Non
     assert [t.user_attrs["encoder_cache_hit"] for t in study.trials] == [False, True]
     assert len(list((tmp_path / "cache" / "encoders").iterdir())) == 1
     assert all(np.isfinite(t.value) and t.value > 0 for t in study.trials)
-    assert study.trials[0].params == {"finetune__lr": 1e-4, "finetune__batch_sites": 400}
+    assert study.trials[0].params == {  # the first trial is the space's defaults
+        "finetune__lr": 1e-4,
+        "finetune__batch_sites": 400,
+        "finetune__encoder_lr_scale": 1.0,
+        "finetune__head_warmup_epochs": 0,
+    }
 
 
 def _rdb_urls() -> list[Any]:
