@@ -423,7 +423,10 @@ def bench(
     seeds: Annotated[list[str] | None, typer.Option(help="Seeds (default 0,1,2,3,4).")] = None,
     methods: Annotated[
         list[str] | None,
-        typer.Option(help="Methods (default dummy_mean,rf_magpie,dim,random_init)."),
+        typer.Option(
+            help="Methods (default dummy_mean,rf_magpie,dim,random_init; band-gap targets "
+            "also zero,median)."
+        ),
     ] = None,
     max_train_structures: Annotated[
         int | None, typer.Option(help="Cap on each fold's pretraining structures.")
@@ -453,7 +456,7 @@ def bench(
 ) -> None:
     """The label-masking benchmark: for each task, fold, method, n and seed, fit on n labels
     and predict the fold's test set. Finished cells are skipped, so a re-run resumes."""
-    from matbench_dim.methods import SITENET_NAMES
+    from matbench_dim.methods import SITENET_NAMES, default_methods
     from matbench_dim.protocol import DEFAULT_N_LABELS, DEFAULT_SEEDS, run_grid
     from matbench_dim.report import summarize
 
@@ -461,7 +464,10 @@ def bench(
         raise UserError(f"--backend must be loky or dask, got {backend!r}")
     specs = [task_spec(s) for s in split_values(tasks)]
     ns = int_values(n_labels, "--n-labels") or list(DEFAULT_N_LABELS)
-    method_names = split_values(methods) or ["dummy_mean", "rf_magpie", "dim", "random_init"]
+    chosen = split_values(methods)
+    # default: DEFAULT_METHODS, plus the zero / median predictors for band-gap targets
+    per_spec = {s: chosen or default_methods(s[1] or s[0]) for s in specs}
+    method_names = list(dict.fromkeys(m for names in per_spec.values() for m in names))
     extra = parse_params(param)
     sitenet = [m for m in method_names if m in SITENET_NAMES]
     if extra and not sitenet:
@@ -481,14 +487,22 @@ def bench(
         "tracking_uri": tracking_uri,
         "tracking": not no_tracking,
     }
-    # tuned parameters depend on (task, n): one grid call per pair; otherwise one call
-    calls = [(specs, ns, {})]
+    # tuned parameters depend on (task, n): one grid call per pair; otherwise one call per
+    # set of methods (band-gap tasks get more baselines by default)
+    groups: dict[tuple[str, ...], list[tuple[str, str | None]]] = {}
+    for s in specs:
+        groups.setdefault(tuple(per_spec[s]), []).append(s)
+    calls = [(group, ns, {}, list(names)) for names, group in groups.items()]
     if params_from_study and sitenet:
-        calls = [([s], [n], tuned_params(s[0], s[1], n, study_storage)) for s in specs for n in ns]
+        calls = [
+            ([s], [n], tuned_params(s[0], s[1], n, study_storage), per_spec[s])
+            for s in specs
+            for n in ns
+        ]
     t0 = time.perf_counter()
     totals = {"cells": 0, "run": 0, "skipped": 0, "pretrained": 0, "recorded": 0}
     parents: dict[str, str] = {}
-    for call_specs, call_ns, tuned in calls:
+    for call_specs, call_ns, tuned, call_methods in calls:
         est_params = {**tuned, **extra}
         method_params: dict[str, dict[str, Any]] = {
             m: {"estimator_params": est_params} for m in sitenet
@@ -499,8 +513,8 @@ def bench(
             [(name, target) if target else name for name, target in call_specs],
             out,
             n_labels=call_ns,
-            method_params=method_params,
-            **grid,
+            method_params={m: p for m, p in method_params.items() if m in call_methods},
+            **{**grid, "methods": call_methods},
         )
         for key in totals:
             totals[key] += getattr(summary, f"n_{key}")

@@ -33,13 +33,17 @@ from matbench_dim import results as res
 from matbench_dim.data import Task, load_task
 
 __all__ = [
+    "BAND_GAP_BASELINES",
     "BASELINE_NAMES",
+    "DEFAULT_METHODS",
     "METHOD_NAMES",
     "SITENET_NAMES",
     "EstimatorMethod",
     "Method",
     "SiteNetMethod",
     "baseline_method",
+    "default_methods",
+    "is_band_gap",
     "make_method",
 ]
 
@@ -150,6 +154,22 @@ class EstimatorMethod(Method):
 BASELINE_NAMES = ("dummy_mean", "zero", "median", "rf_magpie", "rf_sine_coulomb")
 SITENET_NAMES = ("dim", "random_init", "transfer", "dim_rf", "random_rf")
 METHOD_NAMES = BASELINE_NAMES + SITENET_NAMES
+DEFAULT_METHODS = ("dummy_mean", "rf_magpie", "dim", "random_init")
+BAND_GAP_BASELINES = ("zero", "median")
+
+
+def is_band_gap(target: str) -> bool:
+    """True for a band-gap target (``"gap"`` in its name: ``gap gllbsc``, ``gap opt``, or the
+    task ``matbench_mp_gap``)."""
+    return "gap" in target.lower()
+
+
+def default_methods(target: str) -> list[str]:
+    """The grid's default methods for ``target``: :data:`DEFAULT_METHODS`, plus the zero and
+    median predictors for a band gap (many gaps are exactly 0, so predicting 0 or the median
+    can beat the train-mean dummy and even trained models; a gain must be shown against them)."""
+    extra = list(BAND_GAP_BASELINES) if is_band_gap(target) else []
+    return [DEFAULT_METHODS[0], *extra, *DEFAULT_METHODS[1:]]
 
 
 def baseline_method(name: str, **params: Any) -> EstimatorMethod:

@@ -258,6 +258,21 @@ def test_bench_resumes_and_report_writes_table_and_curve(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_bench_default_methods_add_zero_and_median_for_band_gaps(tmp_path, monkeypatch):
+    import matbench_dim.methods as methods
+    from matbench_dim.results import load_results
+
+    monkeypatch.setattr(methods, "DEFAULT_METHODS", ("dummy_mean",))  # no Site-Net: seconds
+    assert methods.default_methods("gap opt") == ["dummy_mean", "zero", "median"]
+    tasks = ["--tasks", "sample:perovskites_subset", "--tasks", "sample:perovskites_subset:gap"]
+    result = invoke("bench", *tasks, "--folds", 0, "--n-labels", 10, "--seeds", 0, "--out", "b",
+                    "--no-tracking")  # fmt: skip
+    assert result.stdout.startswith("4 cells: 4 run")
+    table = load_results(tmp_path / "b")
+    got = {t: set(g["method"]) for t, g in table.groupby("target")}
+    assert got == {"e_form": {"dummy_mean"}, "gap gllbsc": {"dummy_mean", "zero", "median"}}
+
+
 # --------------------------------------------------------------------------- tune
 
 
