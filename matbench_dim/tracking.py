@@ -64,6 +64,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from matbench_dim.runtime import pid_alive
 from matbench_dim.tracking_runs import (
     MAX_PARAM_CHARS,
     MLflowCallback,
@@ -224,26 +225,12 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state not in ("Z", "X")  # a zombie has already exited
-
-
 def _process_gone(tags: Mapping[str, str]) -> bool | None:
     """True/False whether the process that opened a run is gone; None if it cannot be told."""
     pid, host = tags.get(TAG_PID), tags.get(TAG_HOST)
     if pid is None or host != _hostname():
         return None
-    if not _pid_alive(int(pid)):
+    if not pid_alive(int(pid)):
         return True
     started, now = tags.get(TAG_PROC_START), _proc_start(int(pid))
     return started is not None and now is not None and started != now  # pid reused

@@ -27,27 +27,13 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
+from matbench_dim.runtime import pid_alive
 from matbench_dim.tuning._common import HOST
 
 __all__ = ["DEFAULT_STORAGE", "HeartbeatJournalStorage", "resolve_storage"]
 
 DEFAULT_STORAGE = "sqlite:///tuning/optuna.db"
 _HEARTBEAT_KEY = "matbench_dim:heartbeat"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a zombie has already exited)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -90,7 +76,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
                 if now - started > self.grace_period:
                     stale.append(t._trial_id)
             elif beat["host"] == HOST:
-                if not _pid_alive(int(beat["pid"])):
+                if not pid_alive(int(beat["pid"])):
                     stale.append(t._trial_id)
             elif now - float(beat["time"]) > max(self.grace_period, 2 * beat.get("interval", 0)):
                 stale.append(t._trial_id)
