@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matbench_dim.featurize import batch_indices, collate, featurize
+from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import (
     EncoderConfig,
@@ -39,7 +39,7 @@ def load_structures(limit: int) -> tuple[str, list]:
         return "perovskite subset", list(df["structure"].iloc[:limit])
     from importlib import resources
 
-    path = resources.files("matbench_dim") / "datasets" / "matbench_jdft2d.json.gz"
+    path = resources.files("matbench_dim") / "data" / "samples" / "matbench_jdft2d.json.gz"
     df = load_dataframe_from_json(str(path), pbar=False)
     return "matbench_jdft2d", list(df["structure"].iloc[:limit])
 

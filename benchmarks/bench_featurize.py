@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 
-from matbench_dim.featurize import FeaturizerConfig, batch_indices, collate, featurize
+from matbench_dim.features.featurize import FeaturizerConfig, batch_indices, collate, featurize
+from matbench_dim.features.supercell import supercell_matrix
 from matbench_dim.model.geometry import minimum_image_distances
-from matbench_dim.supercell import supercell_matrix
 
 torch.set_num_threads(int(os.environ["MATBENCH_DIM_NUM_THREADS"]))
 
@@ -44,7 +44,9 @@ SHARED = Path(
 FILES = {
     "phonons": SHARED / "matbench_phonons.json.gz",
     "perovskites": SHARED / "subsets" / "matbench_perovskites_partial.json.gz",
-    "jdft2d": Path(str(resources.files("matbench_dim") / "datasets" / "matbench_jdft2d.json.gz")),
+    "jdft2d": Path(
+        str(resources.files("matbench_dim") / "data" / "samples" / "matbench_jdft2d.json.gz")
+    ),
 }
 
 

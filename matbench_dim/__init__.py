@@ -8,11 +8,17 @@ matbench_dim`` stays fast (torch, pymatgen, matbench and MLflow load only when n
 
 - estimators: :class:`SiteNetDIMRegressor`, :class:`DIMEmbedder`, :class:`PretrainedEncoder`
   (:mod:`matbench_dim.estimator`);
-- data: :class:`Task`, :func:`load_task`, :func:`load_cif_dataset`,
-  :func:`task_from_structures` (:mod:`matbench_dim.data`);
-- the label-masking benchmark: :func:`run_grid`, :func:`make_method`, :func:`draw_subset`
-  (:mod:`matbench_dim.protocol`) and :func:`write_report` (:mod:`matbench_dim.report`);
-- tracking: :func:`setup_tracking`, :func:`download_encoder` (:mod:`matbench_dim.tracking`).
+- data: :class:`Task`, :func:`task_from_structures` (:mod:`matbench_dim.data.task`),
+  :func:`load_task` (:mod:`matbench_dim.data.sources`), :func:`load_cif_dataset`
+  (:mod:`matbench_dim.data.cif`);
+- the label-masking benchmark: :func:`run_grid` (:mod:`matbench_dim.bench.grid`),
+  :func:`make_method` (:mod:`matbench_dim.bench.methods`), :func:`draw_subset`
+  (:mod:`matbench_dim.bench.subsets`) and :func:`write_report` (:mod:`matbench_dim.bench.report`);
+- tracking: :func:`setup_tracking`, :func:`download_encoder` (:mod:`matbench_dim.tracking.tracker`).
+
+The package is laid out by pipeline stage (``docs/architecture.md``): ``data/`` ->
+``features/`` -> ``model/`` -> ``training/`` -> ``estimator.py`` -> ``bench/``,
+``tracking/``, ``tuning/`` -> ``cli/``; imports point down that list only.
 """
 
 from __future__ import annotations
@@ -30,17 +36,17 @@ _EXPORTS: dict[str, str] = {
     "SiteNetDIMRegressor": "matbench_dim.estimator",
     "DIMEmbedder": "matbench_dim.estimator",
     "PretrainedEncoder": "matbench_dim.estimator",
-    "Task": "matbench_dim.data",
-    "load_task": "matbench_dim.data",
-    "load_cif_dataset": "matbench_dim.data",
-    "task_from_structures": "matbench_dim.data",
-    "task_from_dataframe": "matbench_dim.data",
-    "run_grid": "matbench_dim.protocol",
-    "make_method": "matbench_dim.protocol",
-    "draw_subset": "matbench_dim.protocol",
-    "write_report": "matbench_dim.report",
-    "setup_tracking": "matbench_dim.tracking",
-    "download_encoder": "matbench_dim.tracking",
+    "Task": "matbench_dim.data.task",
+    "load_task": "matbench_dim.data.sources",
+    "load_cif_dataset": "matbench_dim.data.cif",
+    "task_from_structures": "matbench_dim.data.task",
+    "task_from_dataframe": "matbench_dim.data.task",
+    "run_grid": "matbench_dim.bench.grid",
+    "make_method": "matbench_dim.bench.methods",
+    "draw_subset": "matbench_dim.bench.subsets",
+    "write_report": "matbench_dim.bench.report",
+    "setup_tracking": "matbench_dim.tracking.tracker",
+    "download_encoder": "matbench_dim.tracking.tracker",
 }
 
 __all__ = [
@@ -62,17 +68,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first access
-    from matbench_dim.data import (
-        Task,
-        load_cif_dataset,
-        load_task,
-        task_from_dataframe,
-        task_from_structures,
-    )
+    from matbench_dim.bench.grid import run_grid
+    from matbench_dim.bench.methods import make_method
+    from matbench_dim.bench.report import write_report
+    from matbench_dim.bench.subsets import draw_subset
+    from matbench_dim.data.cif import load_cif_dataset
+    from matbench_dim.data.sources import load_task
+    from matbench_dim.data.task import Task, task_from_dataframe, task_from_structures
     from matbench_dim.estimator import DIMEmbedder, PretrainedEncoder, SiteNetDIMRegressor
-    from matbench_dim.protocol import draw_subset, make_method, run_grid
-    from matbench_dim.report import write_report
-    from matbench_dim.tracking import download_encoder, setup_tracking
+    from matbench_dim.tracking.tracker import download_encoder, setup_tracking
 
 
 def __getattr__(name: str) -> Any:

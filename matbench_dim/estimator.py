@@ -27,12 +27,12 @@ from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from matbench_dim.callbacks import Callback, EarlyStopping
-from matbench_dim.featurize import CrystalRecord, FeaturizerConfig, featurize
+from matbench_dim.features.featurize import CrystalRecord, FeaturizerConfig, featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
 from matbench_dim.runtime import configure_threads, resolve_device, seed_everything
-from matbench_dim.training import (
+from matbench_dim.training.callbacks import Callback, EarlyStopping
+from matbench_dim.training.loops import (
     FinetuneConfig,
     OptimizerConfig,
     PretrainConfig,
@@ -309,7 +309,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     callbacks
-        :class:`~matbench_dim.callbacks.Callback` objects (tracking, pruning, checkpoints).
+        :class:`~matbench_dim.training.callbacks.Callback` objects (tracking, pruning, checkpoints).
     cache_dir
         Folder of the featurization cache (``None``: no cache).
     n_jobs
@@ -317,12 +317,12 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
     verbose
         0: quiet; 1: progress bars.
     featurizer__*, encoder__*, dim__*, optimizer__*, pretrain__*, finetune__*
-        Fields of :class:`~matbench_dim.featurize.FeaturizerConfig`,
+        Fields of :class:`~matbench_dim.features.featurize.FeaturizerConfig`,
         :class:`~matbench_dim.model.sitenet.EncoderConfig`,
         :class:`~matbench_dim.model.dim.DIMConfig`,
-        :class:`~matbench_dim.training.OptimizerConfig`,
-        :class:`~matbench_dim.training.PretrainConfig` and
-        :class:`~matbench_dim.training.FinetuneConfig` (their docstrings give meaning and
+        :class:`~matbench_dim.training.loops.OptimizerConfig`,
+        :class:`~matbench_dim.training.loops.PretrainConfig` and
+        :class:`~matbench_dim.training.loops.FinetuneConfig` (their docstrings give meaning and
         units). ``pretrain__checkpoint`` is a file to checkpoint/resume pretraining.
 
     Attributes
@@ -621,7 +621,7 @@ def _union(
     records: list[CrystalRecord], targets: np.ndarray, extra: list[CrystalRecord]
 ) -> tuple[list[CrystalRecord], np.ndarray]:
     """Labelled + unlabelled records without duplicates; probe labels NaN where unknown."""
-    from matbench_dim.training import records_fingerprint
+    from matbench_dim.training.loops import records_fingerprint
 
     seen: dict[str, int] = {}
     pool: list[CrystalRecord] = []

@@ -28,8 +28,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def embedded_dataset_path(name: str) -> Path:
-    """Path of a data file shipped in ``matbench_dim/datasets``."""
-    return Path(str(resources.files("matbench_dim") / "datasets" / name))
+    """Path of a data file shipped in ``matbench_dim/data/samples``."""
+    return Path(str(resources.files("matbench_dim") / "data" / "samples" / name))
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +76,7 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def perovskite_sample_task():
     """300 real matbench_perovskites crystals (official ids, e_form target, official folds)."""
-    from matbench_dim.data import load_task
+    from matbench_dim.data.sources import load_task
 
     return load_task("perovskites_subset", sample=True)
 
@@ -84,7 +84,7 @@ def perovskite_sample_task():
 @pytest.fixture(scope="session")
 def flla_sample_task():
     """300 real flla crystals (formation_energy_per_atom, eV/atom; seeded 5-fold KFold)."""
-    from matbench_dim.data import load_task
+    from matbench_dim.data.sources import load_task
 
     return load_task("flla", sample=True)
 
@@ -92,7 +92,7 @@ def flla_sample_task():
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """An initialised, empty MLflow SQLite store (creating its tables takes seconds)."""
-    from matbench_dim.tracking import setup_tracking
+    from matbench_dim.tracking.tracker import setup_tracking
 
     db = tmp_path_factory.mktemp("template_store") / "mlflow.db"
     setup_tracking(f"sqlite:///{db}", "warm-up")

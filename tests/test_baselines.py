@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from matbench_dim.baselines import (
+from matbench_dim.bench.baselines import (
     ConstantRegressor,
     DummyMeanRegressor,
     FeatureCache,

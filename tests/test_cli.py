@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from matbench_dim.cli import app
+from matbench_dim.cli.app import app
 
 TINY = [
     f"--param={name}=16"
@@ -59,7 +59,7 @@ def _line(output: str, prefix: str) -> str:
 
 def test_help_lists_every_command():
     proc = subprocess.run(
-        [sys.executable, "-m", "matbench_dim.cli", "--help"],
+        [sys.executable, "-m", "matbench_dim.cli.app", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -111,9 +111,9 @@ def test_debug_shows_the_exception():
 
 
 def test_run_end_to_end_records_a_valid_matbench_file(tmp_path):
-    from matbench_dim import matbench_io
-    from matbench_dim.data import load_task
-    from matbench_dim.protocol import draw_subset
+    from matbench_dim.bench import matbench_io
+    from matbench_dim.bench.subsets import draw_subset
+    from matbench_dim.data.sources import load_task
 
     out = tmp_path / "run"
     result = invoke(
@@ -142,7 +142,7 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
 ):
     from mlflow import MlflowClient
 
-    from matbench_dim import training
+    from matbench_dim.training import loops as training
 
     args = ["pretrain", "--task", "matbench_jdft2d", "--fold", 1, "--max-train-structures", 30]
     args += ["--epochs", 2, "--out", tmp_path / "pre", "--tracking-uri", store, *TINY]
@@ -259,8 +259,8 @@ def test_bench_resumes_and_report_writes_table_and_curve(tmp_path):
 
 
 def test_bench_default_methods_add_zero_and_median_for_band_gaps(tmp_path, monkeypatch):
-    import matbench_dim.methods as methods
-    from matbench_dim.results import load_results
+    import matbench_dim.bench.methods as methods
+    from matbench_dim.bench.results import load_results
 
     monkeypatch.setattr(methods, "DEFAULT_METHODS", ("dummy_mean",))  # no Site-Net: seconds
     assert methods.default_methods("gap opt") == ["dummy_mean", "zero", "median"]
@@ -307,7 +307,7 @@ def test_pretrain_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     import torch
 
     out = tmp_path / "pre"
-    args = [sys.executable, "-m", "matbench_dim.cli", "pretrain", "--task", "matbench_jdft2d"]
+    args = [sys.executable, "-m", "matbench_dim.cli.app", "pretrain", "--task", "matbench_jdft2d"]
     args += ["--max-train-structures", "80", "--epochs", "40", "-p", "pretrain__patience=0"]
     args += ["--out", str(out), "--no-tracking", *TINY]
     env = {**os.environ, "MATBENCH_DIM_NUM_THREADS": "1"}

@@ -20,12 +20,22 @@ from pymatgen.core import Structure
 from pymatgen.io.cif import CifWriter
 from sklearn.model_selection import KFold
 
-from matbench_dim import data
-from matbench_dim.datasets import cif as cif_mod
-from matbench_dim.datasets import sources
+from matbench_dim.data import cif as cif_mod
+from matbench_dim.data import sources
+from matbench_dim.data import task as data
+from matbench_dim.data.cif import load_cif_dataset
+from matbench_dim.data.sources import (
+    DataNotFoundError,
+    available_tasks,
+    data_search_path,
+    datasets_dir,
+    load_matbench_task,
+    load_task,
+    sha256_file,
+)
 
 OFFICIAL_DUMMY_MAE_JDFT2D = [53.1447, 72.8118, 83.1220, 61.3174, 66.0295]
-SAMPLES_DIR = data.datasets_dir()
+SAMPLES_DIR = datasets_dir()
 
 
 def official_splits(task_name: str) -> dict:
@@ -69,12 +79,12 @@ def test_samples_manifest_matches_the_shipped_files():
     assert set(manifest["samples"]) == set(sources.SAMPLE_DATASETS)
     for name, entry in manifest["samples"].items():
         path = SAMPLES_DIR / entry["file"]
-        assert data.sha256_file(path) == entry["sha256"], name
-        assert len(data.load_task(name, sample=True).provenance) > 0
+        assert sha256_file(path) == entry["sha256"], name
+        assert len(load_task(name, sample=True).provenance) > 0
         assert entry["source_sha256"]
         assert entry["selection"]
     jdft = manifest["shipped_full"]["matbench_jdft2d"]
-    assert data.sha256_file(SAMPLES_DIR / jdft["file"]) == jdft["sha256"]
+    assert sha256_file(SAMPLES_DIR / jdft["file"]) == jdft["sha256"]
     total = sum(p.stat().st_size for p in SAMPLES_DIR.glob("*.json.gz"))
     assert total < 2_000_000
 
@@ -93,12 +103,12 @@ def test_perovskite_sample_uses_official_ids_and_folds(perovskite_sample_task):
         assert len(task.test_ids(f)) == 60
         assert list(task.test_ids(f)) == [i for i in splits[key]["test"] if i in ids]
         assert list(task.train_ids(f)) == [i for i in splits[key]["train"] if i in ids]
-    assert task.provenance["sha256"] == data.sha256_file(task.provenance["path"])
+    assert task.provenance["sha256"] == sha256_file(task.provenance["path"])
     assert "official" in task.provenance["fold_strategy"]
 
 
 def test_perovskite_sample_gap_target_keeps_ids_and_folds(perovskite_sample_task):
-    gap = data.load_task("sample:perovskites_subset", target="gap")
+    gap = load_task("sample:perovskites_subset", target="gap")
     assert (gap.target_name, gap.unit) == ("gap gllbsc", "eV")
     assert list(gap.ids) == list(perovskite_sample_task.ids)
     assert not np.allclose(gap.targets.to_numpy(), perovskite_sample_task.targets.to_numpy())
@@ -141,7 +151,7 @@ def test_task_methods_split_inputs_from_targets(flla_sample_task):
 
 
 def test_jarvis_sample_keeps_unlabelled_rows_for_pretraining_only():
-    task = data.load_task("jarvis_dft_2d", sample=True)
+    task = load_task("jarvis_dft_2d", sample=True)
     assert (task.target_name, task.unit) == ("e_form", "eV/atom")
     assert len(task) + len(task.unlabelled_pool) == 200
     assert len(task.unlabelled_pool) == 3
@@ -155,14 +165,14 @@ def test_jarvis_sample_keeps_unlabelled_rows_for_pretraining_only():
         assert np.isfinite(task.test_targets(f)).all()
     everything = task.unlabelled_structures(None)
     assert len(everything) == 200
-    gap = data.load_task("sample:jarvis_dft_2d", target="gap opt")
+    gap = load_task("sample:jarvis_dft_2d", target="gap opt")
     assert gap.target_name == "gap opt"
     assert len(gap) < 200
     assert len(gap) + len(gap.unlabelled_pool) == 200
 
 
 def test_phonons_sample_has_official_mbids_and_folds():
-    task = data.load_task("sample:matbench_phonons")
+    task = load_task("sample:matbench_phonons")
     assert not task.is_matbench
     assert task.unit == "cm^-1"
     assert all(len(i) == len("mb-phonons-0001") for i in task.ids)
@@ -177,7 +187,7 @@ def test_phonons_sample_has_official_mbids_and_folds():
 
 
 def test_shipped_jdft2d_loads_through_matbench_without_any_data_home(no_default_data):
-    task = data.load_matbench_task("matbench_jdft2d")
+    task = load_matbench_task("matbench_jdft2d")
     assert task.is_matbench
     assert task.source == "matbench"
     assert Path(task.provenance["path"]).parent == SAMPLES_DIR
@@ -196,7 +206,7 @@ def test_shipped_jdft2d_loads_through_matbench_without_any_data_home(no_default_
 
 
 def test_sample_flag_on_jdft2d_reads_the_shipped_full_task():
-    task = data.load_task("sample:matbench_jdft2d")
+    task = load_task("sample:matbench_jdft2d")
     assert task.is_matbench
     assert len(task) == 636
     assert Path(task.provenance["path"]).parent == SAMPLES_DIR
@@ -207,12 +217,12 @@ def test_matminer_data_is_honoured_and_restored(monkeypatch, tmp_path, no_defaul
     home.mkdir()
     shutil.copy(SAMPLES_DIR / "matbench_jdft2d.json.gz", home)
     monkeypatch.setenv("MATMINER_DATA", str(home))
-    task = data.load_task("matbench_jdft2d")
+    task = load_task("matbench_jdft2d")
     assert Path(task.provenance["path"]) == home / "matbench_jdft2d.json.gz"
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(SAMPLES_DIR / "matbench_jdft2d.json.gz", other)
-    task = data.load_matbench_task("matbench_jdft2d", data_home=other)
+    task = load_matbench_task("matbench_jdft2d", data_home=other)
     assert Path(task.provenance["path"]).parent == other
     assert os.environ["MATMINER_DATA"] == str(home)
 
@@ -220,41 +230,41 @@ def test_matminer_data_is_honoured_and_restored(monkeypatch, tmp_path, no_defaul
 @pytest.mark.parametrize("name", ["matbench_mp_gap", "matbench_mp_e_form"])
 def test_missing_matbench_file_fails_fast_with_instructions(name, tmp_path, no_default_data):
     t0 = time.perf_counter()
-    with pytest.raises(data.DataNotFoundError) as err:
-        data.load_matbench_task(name, data_home=tmp_path)
+    with pytest.raises(DataNotFoundError) as err:
+        load_matbench_task(name, data_home=tmp_path)
     msg = str(err.value)
     assert f"{tmp_path / (name + '.json.gz')}" in msg
     assert "https://" in msg
-    with pytest.raises(data.DataNotFoundError, match="MATMINER_DATA") as err:
-        data.load_task(name)
-    assert "shipped in matbench_dim/datasets" in str(err.value)
+    with pytest.raises(DataNotFoundError, match="MATMINER_DATA") as err:
+        load_task(name)
+    assert "shipped in matbench_dim/data/samples" in str(err.value)
     assert time.perf_counter() - t0 < 10
 
 
 def test_bad_names_and_targets_are_explained():
     with pytest.raises(ValueError, match="matbench_mp_gap") as err:
-        data.load_task("matbench_nonsense")
+        load_task("matbench_nonsense")
     assert "perovskites_subset" in str(err.value)
     with pytest.raises(ValueError, match="structure tasks"):
-        data.load_matbench_task("matbench_bogus")
+        load_matbench_task("matbench_bogus")
     with pytest.raises(ValueError, match="composition task"):
-        data.load_task("matbench_steels")
+        load_task("matbench_steels")
     with pytest.raises(ValueError, match="choose from"):
-        data.load_task("flla", target="band_gap", sample=True)
+        load_task("flla", target="band_gap", sample=True)
     with pytest.raises(ValueError, match="single target"):
-        data.load_task("matbench_jdft2d", target="e_form", sample=True)
+        load_task("matbench_jdft2d", target="e_form", sample=True)
     with pytest.raises(ValueError, match="no sample shipped"):
-        data.load_task("matbench_mp_gap", sample=True)
-    assert "sample:flla" in data.available_tasks()
+        load_task("matbench_mp_gap", sample=True)
+    assert "sample:flla" in available_tasks()
 
 
 def test_missing_local_file_lists_every_place_searched(monkeypatch, tmp_path, no_default_data):
     monkeypatch.setenv("MATBENCH_DIM_SHARED_DATA", str(tmp_path / "a"))
     monkeypatch.setenv("MATMINER_DATA", str(tmp_path / "b"))
-    labels = [label for label, _ in data.data_search_path()]
+    labels = [label for label, _ in data_search_path()]
     assert labels[:2] == ["$MATBENCH_DIM_SHARED_DATA", "$MATMINER_DATA"]
-    with pytest.raises(data.DataNotFoundError) as err:
-        data.load_task("flla")
+    with pytest.raises(DataNotFoundError) as err:
+        load_task("flla")
     msg = str(err.value)
     assert str(tmp_path / "a" / "flla.json.gz") in msg
     assert str(tmp_path / "b") in msg
@@ -266,7 +276,7 @@ def test_local_file_found_through_env(monkeypatch, tmp_path, no_default_data):
     shutil.copy(SAMPLES_DIR / "perovskites_subset_sample.json.gz",
                 tmp_path / "subsets" / "matbench_perovskites_partial.json.gz")  # fmt: skip
     monkeypatch.setenv("MATBENCH_DIM_SHARED_DATA", str(tmp_path))
-    task = data.load_task("perovskites_subset")
+    task = load_task("perovskites_subset")
     assert task.name == "perovskites_subset"
     assert len(task) == 300
     assert Path(task.provenance["path"]).parent == tmp_path / "subsets"
@@ -360,7 +370,7 @@ def cif_folder(tmp_path, real_structures, real_targets):
 
 def test_cif_folder_with_csv(cif_folder, real_structures, real_targets):
     folder, csv, names = cif_folder
-    task = data.load_cif_dataset(folder, csv, unit="meV/atom")
+    task = load_cif_dataset(folder, csv, unit="meV/atom")
     assert list(task.ids) == names
     assert task.name == "cifs"
     np.testing.assert_allclose(task.targets, real_targets[:12])
@@ -379,14 +389,14 @@ def test_cif_zip_skips_non_cif_members_with_a_warning(cif_folder, tmp_path, capl
         zf.write(csv, "targets.csv")
         zf.writestr("README.txt", "notes")
         zf.writestr("__MACOSX/data/._crystal_00.cif", "junk")
-    with caplog.at_level(logging.WARNING, logger="matbench_dim.datasets.cif"):
-        task = data.load_cif_dataset(archive)
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.data.cif"):
+        task = load_cif_dataset(archive)
     assert list(task.ids) == names
     assert task.targets is not None
     assert "README.txt" in caplog.text
     assert "__MACOSX" not in caplog.text
     assert task.provenance["skipped_members"] == ["README.txt"]
-    assert task.provenance["sha256"] == data.sha256_file(archive)
+    assert task.provenance["sha256"] == sha256_file(archive)
 
 
 def test_cif_errors_name_the_files(cif_folder, tmp_path, real_structures):
@@ -396,7 +406,7 @@ def test_cif_errors_name_the_files(cif_folder, tmp_path, real_structures):
     (folder / "crystal_03.cif").write_text("".join(lines[:-2]))  # atom list cut short
     (folder / "crystal_05.cif").write_text(good[: len(good) // 2])
     with pytest.raises(cif_mod.CifError) as err:
-        data.load_cif_dataset(folder, csv)
+        load_cif_dataset(folder, csv)
     msg = str(err.value)
     assert "2 unreadable" in msg
     assert "crystal_03.cif" in msg
@@ -411,38 +421,38 @@ def test_cif_csv_problems_are_listed(cif_folder, tmp_path, real_structures, capl
     bad.loc[len(bad)] = ["ghost.cif", 1.0]
     bad.to_csv(tmp_path / "ghost.csv", index=False)
     with pytest.raises(ValueError, match=r"absent.*'ghost'"):
-        data.load_cif_dataset(folder, tmp_path / "ghost.csv")
+        load_cif_dataset(folder, tmp_path / "ghost.csv")
     nan = table.copy()
     nan.loc[4, "target"] = np.nan
     nan.to_csv(tmp_path / "nan.csv", index=False)
     with pytest.raises(ValueError, match=r"missing.*'crystal_04'"):
-        data.load_cif_dataset(folder, tmp_path / "nan.csv")
+        load_cif_dataset(folder, tmp_path / "nan.csv")
     words = table.astype({"target": object})
     words.loc[2, "target"] = "n/a?"
     words.to_csv(tmp_path / "words.csv", index=False)
     with pytest.raises(ValueError, match=r"non-numeric.*crystal_02"):
-        data.load_cif_dataset(folder, tmp_path / "words.csv")
+        load_cif_dataset(folder, tmp_path / "words.csv")
     with pytest.raises(ValueError, match="missing column"):
-        data.load_cif_dataset(folder, csv, target_column="band_gap")
+        load_cif_dataset(folder, csv, target_column="band_gap")
     dup = pd.concat([table, table.iloc[[0]]])
     dup.to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(ValueError, match=r"more than once.*crystal_00"):
-        data.load_cif_dataset(folder, tmp_path / "dup.csv")
+        load_cif_dataset(folder, tmp_path / "dup.csv")
     table.iloc[:10].to_csv(tmp_path / "short.csv", index=False)
-    with caplog.at_level(logging.WARNING, logger="matbench_dim.datasets.cif"):
-        task = data.load_cif_dataset(folder, tmp_path / "short.csv", n_splits=2)
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.data.cif"):
+        task = load_cif_dataset(folder, tmp_path / "short.csv", n_splits=2)
     assert set(task.unlabelled_pool.index) == {"crystal_10", "crystal_11"}
     assert "no CSV row" in caplog.text
     write_cifs(folder / "more", real_structures[:1], ["crystal_00"])
     with pytest.raises(ValueError, match="duplicate ids"):
-        data.load_cif_dataset(folder, csv)
+        load_cif_dataset(folder, csv)
 
 
 # ------------------------------------------------------------------ the full shared files
 
 
 def test_full_jdft2d_via_matbench_gives_official_dummy_maes(shared_data_dir):
-    task = data.load_matbench_task("matbench_jdft2d", data_home=shared_data_dir)
+    task = load_matbench_task("matbench_jdft2d", data_home=shared_data_dir)
     assert Path(task.provenance["path"]).parent == shared_data_dir
     for f in range(5):
         _, y_train = task.train_data(f)
@@ -451,7 +461,7 @@ def test_full_jdft2d_via_matbench_gives_official_dummy_maes(shared_data_dir):
 
 
 def test_full_perovskite_subset_folds_are_official_and_cover_it(shared_data_dir):
-    task = data.load_task("perovskites_subset", data_home=shared_data_dir)
+    task = load_task("perovskites_subset", data_home=shared_data_dir)
     assert len(task) == 11742
     assert_partition(task)
     splits = official_splits("matbench_perovskites")
@@ -461,22 +471,22 @@ def test_full_perovskite_subset_folds_are_official_and_cover_it(shared_data_dir)
 
 
 def test_full_flla_and_jarvis(shared_data_dir):
-    flla = data.load_task("flla", data_home=shared_data_dir)
+    flla = load_task("flla", data_home=shared_data_dir)
     assert len(flla) == 3938
     assert flla.provenance["sha256"].startswith("6914947f")
     ids = np.asarray(flla.ids)
     for f, (tr, te) in enumerate(KFold(5, shuffle=True, random_state=18012019).split(ids)):
         assert list(flla.test_ids(f)) == list(ids[te])
         assert list(flla.train_ids(f)) == list(ids[tr])
-    jarvis = data.load_task("jarvis_dft_2d", data_home=shared_data_dir)
+    jarvis = load_task("jarvis_dft_2d", data_home=shared_data_dir)
     assert (len(jarvis), len(jarvis.unlabelled_pool)) == (633, 3)
-    gap = data.load_task("jarvis_dft_2d", target="gap opt", data_home=shared_data_dir)
+    gap = load_task("jarvis_dft_2d", target="gap opt", data_home=shared_data_dir)
     assert (len(gap), len(gap.unlabelled_pool)) == (522, 114)
 
 
 @pytest.mark.slow  # re-reads four full files (~10-20 s)
 def test_make_samples_reproduces_the_shipped_bytes(shared_data_dir, tmp_path):
-    from matbench_dim.datasets import make_samples
+    from matbench_dim.data import make_samples
 
     shutil.copy(SAMPLES_DIR / "matbench_jdft2d.json.gz", tmp_path)
     manifest = make_samples.make_samples(shared_data_dir, tmp_path)

@@ -19,7 +19,6 @@ from sklearn.utils.estimator_checks import (
 )
 from tiny_settings import EMBEDDER_TINY, TINY
 
-from matbench_dim.callbacks import Callback
 from matbench_dim.estimator import (
     GROUPS,
     DIMEmbedder,
@@ -27,6 +26,7 @@ from matbench_dim.estimator import (
     PretrainedEncoder,
     SiteNetDIMRegressor,
 )
+from matbench_dim.training.callbacks import Callback
 
 
 @pytest.fixture(scope="module")

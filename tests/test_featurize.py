@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pymatgen.core import Element, Lattice, Structure
 
-from matbench_dim import elements, feature_cache, supercell
-from matbench_dim import featurize as fz
-from matbench_dim.featurize import (
+from matbench_dim.features import cache as feature_cache
+from matbench_dim.features import elements, supercell
+from matbench_dim.features import featurize as fz
+from matbench_dim.features.featurize import (
     CrystalRecord,
     FeaturizationError,
     FeaturizerConfig,
@@ -406,8 +407,8 @@ def test_moved_names_are_reexported_and_dependencies_point_one_way():
     assert fz.FORMAT_VERSION == feature_cache.FORMAT_VERSION
     assert fz.PRIMITIVE_SYMPREC == supercell.PRIMITIVE_SYMPREC
     code = (
-        "import sys, matbench_dim.supercell, matbench_dim.feature_cache; "
-        "print('matbench_dim.featurize' in sys.modules)"
+        "import sys, matbench_dim.features.supercell, matbench_dim.features.cache; "
+        "print('matbench_dim.features.featurize' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

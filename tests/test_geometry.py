@@ -1,6 +1,6 @@
 """Cell geometry (supercells, LLL, primitive cells) and minimum-image distances.
 
-Checks :mod:`matbench_dim.supercell` and :mod:`matbench_dim.model.geometry` (distances and
+Checks :mod:`matbench_dim.features.supercell` and :mod:`matbench_dim.model.geometry` (distances and
 the log-Coulomb pair feature) against pymatgen, scipy and brute force.
 """
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from matbench_dim import featurize as fz
-from matbench_dim import supercell as sc
-from matbench_dim.featurize import (
+from matbench_dim.features import featurize as fz
+from matbench_dim.features import supercell as sc
+from matbench_dim.features.featurize import (
     CrystalRecord,
     FeaturizerConfig,
     collate,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from matbench.bench import MatbenchBenchmark
 
-from matbench_dim import matbench_io as mio
-from matbench_dim.data import load_task
+from matbench_dim.bench import matbench_io as mio
+from matbench_dim.data.sources import load_task
 
 OFFICIAL_DUMMY_MAE_JDFT2D = [53.1447, 72.8118, 83.1220, 61.3174, 66.0295]
 

@@ -20,7 +20,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from matbench_dim.tracking import setup_tracking  # noqa: E402
+from matbench_dim.tracking.tracker import setup_tracking  # noqa: E402
 
 STARTUP_TIMEOUT_S = 120.0
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from matbench_dim.callbacks import Callback
-from matbench_dim.featurize import featurize
+from matbench_dim.features.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
-from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim
+from matbench_dim.training.callbacks import Callback
+from matbench_dim.training.loops import OptimizerConfig, PretrainConfig, pretrain_dim
 
 SMALL = EncoderConfig(
     site_dim=32,

@@ -12,19 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from matbench_dim import results as res
-from matbench_dim.baselines import DummyMeanRegressor
-from matbench_dim.data import load_task, task_from_structures
-from matbench_dim.protocol import (
-    EstimatorMethod,
-    LeakageError,
-    Method,
-    check_disjoint,
-    draw_subset,
-    make_method,
-    pretraining_pool,
-    run_grid,
-)
+from matbench_dim.bench import results as res
+from matbench_dim.bench.baselines import DummyMeanRegressor
+from matbench_dim.bench.grid import run_grid
+from matbench_dim.bench.methods import EstimatorMethod, Method, make_method
+from matbench_dim.bench.subsets import LeakageError, check_disjoint, draw_subset, pretraining_pool
+from matbench_dim.data.sources import load_task
+from matbench_dim.data.task import task_from_structures
 
 
 def run_cells(*args, **kwargs):
@@ -44,7 +38,7 @@ def _runs(uri: str, task: str) -> list:
     """Every run of the task's experiment."""
     from mlflow import MlflowClient
 
-    from matbench_dim.tracking import task_experiment
+    from matbench_dim.tracking.tracker import task_experiment
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(task_experiment(task))
@@ -452,7 +446,7 @@ def test_matbench_records_are_valid_and_resume(tmp_path, store):
     attached to the grid's MLflow parent run."""
     from matbench.bench import MatbenchBenchmark
 
-    from matbench_dim.protocol import matbench_path
+    from matbench_dim.bench.recording import matbench_path
 
     grid = {"n_labels": [50], "seeds": [0], "methods": ["dummy_mean", "rf_magpie"]}
     grid["method_params"] = {"rf_magpie": {"n_estimators": 50}}
@@ -497,9 +491,9 @@ def test_worker_processes_mirror_the_parent_log_levels():
     so that ``-v`` shows their progress while matbench's own INFO chatter stays quiet."""
     code = (
         "import logging\n"
-        "from matbench_dim.cells import worker_logging\n"
+        "from matbench_dim.bench.cells import worker_logging\n"
         "worker_logging({'': logging.INFO, 'matbench_dim': 0, 'matbench': logging.WARNING})\n"
-        "logging.getLogger('matbench_dim.cells').info('cell done')\n"
+        "logging.getLogger('matbench_dim.bench.cells').info('cell done')\n"
         "logging.getLogger('matbench').info('matbench chatter')\n"
         "worker_logging(None)\n"
     )
@@ -507,7 +501,7 @@ def test_worker_processes_mirror_the_parent_log_levels():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert "INFO" in out.stderr
-    assert "matbench_dim.cells: cell done" in out.stderr
+    assert "matbench_dim.bench.cells: cell done" in out.stderr
     assert "matbench chatter" not in out.stderr
     silent = subprocess.run(
         [sys.executable, "-c", code.replace("logging.INFO", "logging.WARNING")],

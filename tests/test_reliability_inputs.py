@@ -24,10 +24,17 @@ from pymatgen.core import Element, Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from tiny_settings import TINY
 
-from matbench_dim import data, matbench_io
-from matbench_dim.datasets.cif import CifError
+from matbench_dim.bench import matbench_io
+from matbench_dim.bench.grid import run_grid
+from matbench_dim.bench.subsets import draw_subset
+from matbench_dim.data import task as data
+from matbench_dim.data.cif import (
+    CifError,
+    load_cif_dataset,
+)
+from matbench_dim.data.sources import DataNotFoundError, load_task
 from matbench_dim.estimator import SiteNetDIMRegressor
-from matbench_dim.featurize import (
+from matbench_dim.features.featurize import (
     FeaturizationError,
     FeaturizerConfig,
     collate,
@@ -36,7 +43,6 @@ from matbench_dim.featurize import (
 )
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
-from matbench_dim.protocol import draw_subset, run_grid
 
 NOBLE_GASES = ["He", "Ne", "Ar", "Kr", "Xe", "Rn"]
 ACTINIDES = [Element.from_Z(z).symbol for z in range(89, 104)]  # Ac .. Lr
@@ -161,7 +167,7 @@ def test_every_unreadable_cif_is_named_with_its_reason_in_one_error(cif_dir, tmp
             target.write_text(content)
     csv = write_targets(tmp_path / "t.csv", [*good, *corpus], list(range(len(good) + len(corpus))))
     with pytest.raises(CifError) as err:
-        data.load_cif_dataset(folder, csv)
+        load_cif_dataset(folder, csv)
     msg = str(err.value)
     assert msg.startswith(f"{len(corpus)} unreadable CIF file(s)")
     lines = error_lines(msg)
@@ -184,8 +190,8 @@ def test_cif_zip_with_non_cif_members(cif_dir, tmp_path, caplog):
         zf.writestr("upload/notes/README.md", "# notes")
         zf.writestr("upload/.hidden.cif", "not a cif")
         zf.writestr("__MACOSX/upload/._good_0.cif", b"\x00\x05\x16\x07")
-    with caplog.at_level(logging.WARNING, logger="matbench_dim.datasets.cif"):
-        task = data.load_cif_dataset(archive)
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.data.cif"):
+        task = load_cif_dataset(archive)
     assert list(task.ids) == good
     skipped = ["upload/POSCAR", "upload/notes/README.md", "upload/picture.png"]
     assert task.provenance["skipped_members"] == skipped
@@ -198,19 +204,19 @@ def test_cif_zip_with_non_cif_members(cif_dir, tmp_path, caplog):
     with zipfile.ZipFile(archive, "a") as zf:  # a member that claims to be a CIF but is not
         zf.writestr("upload/broken.cif", b"\x00\xffnot a crystal")
     with pytest.raises(CifError, match=r"upload\.zip/upload/broken\.cif: pymatgen could not parse"):
-        data.load_cif_dataset(archive, csv)
+        load_cif_dataset(archive, csv)
 
     only_junk = tmp_path / "junk.zip"
     with zipfile.ZipFile(only_junk, "w") as zf:
         zf.writestr("README.md", "nothing here")
     with pytest.raises(ValueError, match=r"holds no \.cif files"):
-        data.load_cif_dataset(only_junk)
+        load_cif_dataset(only_junk)
     fake = tmp_path / "fake.zip"
     fake.write_text("plain text")
     with pytest.raises(ValueError, match="neither a folder nor a zip archive"):
-        data.load_cif_dataset(fake)
+        load_cif_dataset(fake)
     with pytest.raises(FileNotFoundError, match="no folder or zip archive"):
-        data.load_cif_dataset(tmp_path / "nowhere")
+        load_cif_dataset(tmp_path / "nowhere")
 
 
 def test_csv_naming_missing_cifs_lists_them_all(cif_dir, tmp_path):
@@ -218,23 +224,23 @@ def test_csv_naming_missing_cifs_lists_them_all(cif_dir, tmp_path):
     names = [*good, "ghost_a.cif", "sub/dir/ghost_b", "good_0.cif.bak"]
     csv = write_targets(tmp_path / "t.csv", names, [1.0] * len(names))
     with pytest.raises(ValueError, match="names CIF files absent") as err:
-        data.load_cif_dataset(folder, csv)
+        load_cif_dataset(folder, csv)
     for ghost in ("ghost_a", "ghost_b", "good_0.cif.bak"):
         assert repr(ghost) in str(err.value)
     # path-like names resolve by their file name (documented)
     paths = write_targets(tmp_path / "p.csv", [f"C:\\data\\{n}.cif" for n in good], [1.0] * 8)
-    assert list(data.load_cif_dataset(folder, paths).ids) == good
+    assert list(load_cif_dataset(folder, paths).ids) == good
 
 
 def test_duplicate_ids_are_refused_everywhere(cif_dir, tmp_path, good_structures):
     folder, good = cif_dir
     twice = write_targets(tmp_path / "t.csv", [*good, "good_3"], [1.0] * 9)  # with and without .cif
     with pytest.raises(ValueError, match=r"named more than once: 'good_3'"):
-        data.load_cif_dataset(folder, twice)
+        load_cif_dataset(folder, twice)
     (folder / "batch2").mkdir()
     (folder / "batch2" / "good_5.cif").write_text((folder / "good_5.cif").read_text())
     with pytest.raises(ValueError, match=r"duplicate ids.*batch2/good_5\.cif / good_5\.cif"):
-        data.load_cif_dataset(folder)
+        load_cif_dataset(folder)
     with pytest.raises(ValueError, match=r"duplicate ids 'a'"):
         data.task_from_structures(good_structures[:3], [1.0, 2.0, 3.0], ids=["a", "b", "a"])
     with pytest.raises(ValueError, match=r"duplicate ids '7'"):
@@ -256,8 +262,8 @@ def test_disordered_cifs_load_with_a_warning_and_sitenet_names_them(
     s = Structure(Lattice.cubic(4.0), [species, "O"], [[0, 0, 0], [0.5] * 3])
     (folder / f"{kind}.cif").write_text(str(CifWriter(s)))
     csv = write_targets(tmp_path / "t.csv", [*good, kind], list(range(9)))
-    with caplog.at_level(logging.WARNING, logger="matbench_dim.data"):
-        task = data.load_cif_dataset(folder, csv, n_splits=3)
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.data.task"):
+        task = load_cif_dataset(folder, csv, n_splits=3)
     assert not task.structures[kind].is_ordered
     assert f"'{kind}'" in caplog.text
     assert "FeaturizationError" in caplog.text
@@ -266,7 +272,7 @@ def test_disordered_cifs_load_with_a_warning_and_sitenet_names_them(
         SiteNetDIMRegressor(**TINY).fit(X, task.targets)
     assert set(err.value.failures) == {kind}
     # the documented way out: drop (or order) them; composition baselines accept them as they are
-    from matbench_dim.baselines import FeaturizedForest
+    from matbench_dim.bench.baselines import FeaturizedForest
 
     pred = FeaturizedForest(n_estimators=5).fit(X, task.targets).predict(X)
     assert np.isfinite(pred).all()
@@ -415,7 +421,7 @@ def test_n_larger_than_the_labelled_training_fold_fails_before_any_work(good_str
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No data home but ``tmp_path/empty``, and any download attempt fails the test."""
-    from matbench_dim.datasets import sources
+    from matbench_dim.data import sources
 
     monkeypatch.delenv(sources.SHARED_DATA_ENV, raising=False)
     monkeypatch.delenv(sources.MATMINER_DATA_ENV, raising=False)
@@ -444,7 +450,7 @@ def test_unknown_task_or_missing_file_fail_before_any_work(offline, tmp_path):
             tracking=False,
         )
     t0 = time.perf_counter()
-    with pytest.raises(data.DataNotFoundError) as err:
+    with pytest.raises(DataNotFoundError) as err:
         run_grid(
             ["matbench_mp_e_form"],
             out,
@@ -462,7 +468,7 @@ def test_unknown_task_or_missing_file_fail_before_any_work(offline, tmp_path):
 
 @pytest.fixture(scope="module")
 def jdft2d_task():
-    return data.load_task("sample:matbench_jdft2d")
+    return load_task("sample:matbench_jdft2d")
 
 
 def test_results_file_with_the_fold_already_recorded(jdft2d_task, tmp_path):

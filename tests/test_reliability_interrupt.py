@@ -22,19 +22,20 @@ import pytest
 import torch
 from tiny_settings import TINY_PRETRAIN
 
-from matbench_dim import results as res
-from matbench_dim.callbacks import Callback
+from matbench_dim.bench import results as res
 from matbench_dim.estimator import PretrainedEncoder
-from matbench_dim.featurize import featurize
+from matbench_dim.features.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
-from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim
+from matbench_dim.paths import check_writable
+from matbench_dim.training.callbacks import Callback
+from matbench_dim.training.loops import OptimizerConfig, PretrainConfig, pretrain_dim
 
 PRETRAIN_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from pymatgen.core import Structure
-from matbench_dim.callbacks import Callback
+from matbench_dim.training.callbacks import Callback
 from matbench_dim.estimator import SiteNetDIMRegressor
 
 structures, checkpoint, out, pause, params = sys.argv[1:6]
@@ -58,8 +59,9 @@ print("done", flush=True)
 
 GRID_SCRIPT = """
 import json, sys, time
-from matbench_dim.baselines import DummyMeanRegressor
-from matbench_dim.protocol import EstimatorMethod, run_grid
+from matbench_dim.bench.baselines import DummyMeanRegressor
+from matbench_dim.bench.grid import run_grid
+from matbench_dim.bench.methods import EstimatorMethod
 
 class SlowMean(DummyMeanRegressor):
     # the train-mean predictor, slowed down so that the run can be killed half-way
@@ -180,8 +182,9 @@ def cell_files(out: Path) -> dict[Path, int]:
 def test_kill_9_during_a_benchmark_grid_keeps_finished_cells(tmp_path):
     from matbench.bench import MatbenchBenchmark
 
-    from matbench_dim.data import load_task
-    from matbench_dim.protocol import draw_subset, matbench_path
+    from matbench_dim.bench.recording import matbench_path
+    from matbench_dim.bench.subsets import draw_subset
+    from matbench_dim.data.sources import load_task
 
     script = tmp_path / "grid.py"
     script.write_text(GRID_SCRIPT)
@@ -225,10 +228,10 @@ def test_kill_9_during_a_benchmark_grid_keeps_finished_cells(tmp_path):
 
 
 def test_check_writable_creates_and_probes_the_folder(tmp_path):
-    folder = res.check_writable(tmp_path / "a" / "b")
+    folder = check_writable(tmp_path / "a" / "b")
     assert folder.is_dir()
     assert list(folder.iterdir()) == [], "the probe file is removed"
-    assert res.check_writable(folder) == folder  # an existing folder is fine
+    assert check_writable(folder) == folder  # an existing folder is fine
 
 
 def test_check_writable_under_a_regular_file(tmp_path):
@@ -236,7 +239,7 @@ def test_check_writable_under_a_regular_file(tmp_path):
     blocker.write_text("not a folder")
     for path in (blocker, blocker / "run1", blocker / "run1" / "cells"):
         with pytest.raises(NotADirectoryError) as err:
-            res.check_writable(path)
+            check_writable(path)
         assert f"output folder {path} is not usable" in str(err.value)
         assert f"{blocker} is a file, not a folder" in str(err.value)
         assert err.value.errno == errno.ENOTDIR
@@ -248,7 +251,7 @@ def test_check_writable_outside_a_writable_filesystem(path):
     if not Path(path).parents[-2].is_dir():
         pytest.skip(f"no {Path(path).parents[-2]} on this system")
     with pytest.raises(OSError, match=rf"output folder {path} is not usable: creating the folder"):
-        res.check_writable(path)
+        check_writable(path)
     assert not Path(path).exists()
 
 
@@ -264,7 +267,7 @@ def test_check_writable_when_writing_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", refusing_open)
     with pytest.raises(PermissionError) as err:
-        res.check_writable(tmp_path / "out")
+        check_writable(tmp_path / "out")
     msg = str(err.value)
     assert f"output folder {tmp_path / 'out'} is not usable: writing a probe file failed" in msg
     assert "Permission denied" in msg
@@ -278,7 +281,7 @@ def test_check_writable_read_only_folder(tmp_path):
     folder.chmod(0o500)
     try:
         with pytest.raises(PermissionError, match=rf"output folder {folder} is not usable"):
-            res.check_writable(folder)
+            check_writable(folder)
     finally:
         folder.chmod(0o700)
 
@@ -286,16 +289,16 @@ def test_check_writable_read_only_folder(tmp_path):
 def test_check_writable_disk_full(tmp_path, monkeypatch):
     import shutil
 
-    from matbench_dim import results
+    from matbench_dim import paths
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(results.shutil, "disk_usage", lambda p: usage._replace(free=3 * 2**20))
+    monkeypatch.setattr(paths.shutil, "disk_usage", lambda p: usage._replace(free=3 * 2**20))
     with pytest.raises(
         OSError, match=r"only 3\.0 MiB free on its filesystem, 16\.0 MiB needed"
     ) as err:
-        res.check_writable(tmp_path / "out")
+        check_writable(tmp_path / "out")
     assert err.value.errno == errno.ENOSPC
-    assert res.check_writable(tmp_path / "out", min_free_bytes=0).is_dir()
+    assert check_writable(tmp_path / "out", min_free_bytes=0).is_dir()
 
     real_open = open
 
@@ -306,7 +309,7 @@ def test_check_writable_disk_full(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", full_disk)
     with pytest.raises(OSError, match="No space left on device") as err:
-        res.check_writable(tmp_path / "out")
+        check_writable(tmp_path / "out")
     assert err.value.errno == errno.ENOSPC
 
 
@@ -373,7 +376,7 @@ def test_corrupt_checkpoint_restarts_with_a_warning(records, tmp_path, caplog):
         pretrain(records, 2, checkpoint_path=ckpt, callbacks=[StopAfter(0)])
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # a torn file (e.g. copied while being written)
     counter = CountEpochs()
-    with caplog.at_level(logging.WARNING, logger="matbench_dim.training"):
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.training.loops"):
         again = pretrain(records, 2, checkpoint_path=ckpt, callbacks=[counter])
     assert "ignoring unreadable checkpoint" in caplog.text
     assert str(ckpt) in caplog.text

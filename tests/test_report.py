@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from matbench_dim import results as res
-from matbench_dim.report import (
+from matbench_dim.bench import results as res
+from matbench_dim.bench.report import (
     REFERENCE_ANCHORS,
     anchors_for,
     markdown_table,

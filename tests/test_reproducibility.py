@@ -17,10 +17,13 @@ import pytest
 from pymatgen.io.cif import CifWriter
 from tiny_settings import TINY
 
-from matbench_dim import data, matbench_io
-from matbench_dim import results as res
+from matbench_dim.bench import matbench_io
+from matbench_dim.bench import results as res
+from matbench_dim.bench.grid import run_grid
+from matbench_dim.data import task as data
+from matbench_dim.data.cif import load_cif_dataset
+from matbench_dim.data.sources import load_task, sha256_file
 from matbench_dim.estimator import SiteNetDIMRegressor
-from matbench_dim.protocol import run_grid
 
 FIT_SCRIPT = """
 import json, sys
@@ -97,7 +100,7 @@ def test_saved_model_records_seed_and_versions(real_structures, real_targets, tm
 @pytest.fixture(scope="module")
 def jdft2d_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    task = data.load_task("sample:matbench_jdft2d")
+    task = load_task("sample:matbench_jdft2d")
     run_grid(
         [task], out, folds=[1], n_labels=[20], seeds=[3], methods=["dummy_mean"], tracking=False
     )
@@ -111,7 +114,7 @@ def test_cell_results_carry_seed_versions_and_data_sha256(jdft2d_grid):
     assert raw["seed"] == 3
     assert raw["fold"] == 1
     assert raw["params"]["subset_seed"] == 1003
-    assert raw["data_sha256"] == data.sha256_file(task.provenance["path"])
+    assert raw["data_sha256"] == sha256_file(task.provenance["path"])
     for name in VERSIONED:
         assert raw["versions"][name] == metadata.version(name), name
     assert len(raw["subset_sha256"]) == 64
@@ -136,7 +139,7 @@ def test_matbench_params_carry_seed_and_versions(jdft2d_grid):
 def test_matbench_params_carry_the_data_sha256(jdft2d_grid):
     task, out = jdft2d_grid
     params = fold_params(task, out)
-    assert params["data_sha256"] == data.sha256_file(task.provenance["path"])
+    assert params["data_sha256"] == sha256_file(task.provenance["path"])
 
 
 def cell_data_sha256(task: data.Task, out: Path) -> str:
@@ -159,17 +162,17 @@ def write_cif_folder(folder: Path, structures, targets) -> list[str]:
 def test_data_sha256_of_a_cif_folder_follows_its_content(real_structures, real_targets, tmp_path):
     structures, targets = real_structures[:10], list(real_targets[:10])
     write_cif_folder(tmp_path / "a", structures, targets)
-    task_a = data.load_cif_dataset(tmp_path / "a")
+    task_a = load_cif_dataset(tmp_path / "a")
     sha_a = cell_data_sha256(task_a, tmp_path / "out_a")
     assert sha_a == task_a.provenance["sha256"]
-    assert sha_a == cell_data_sha256(data.load_cif_dataset(tmp_path / "a"), tmp_path / "out_a2")
+    assert sha_a == cell_data_sha256(load_cif_dataset(tmp_path / "a"), tmp_path / "out_a2")
 
     moved = structures[3].copy()
     moved.translate_sites([0], [0.01, 0.0, 0.0])  # same ids, targets and folds; one atom moved
     write_cif_folder(tmp_path / "b", [*structures[:3], moved, *structures[4:]], targets)
-    assert cell_data_sha256(data.load_cif_dataset(tmp_path / "b"), tmp_path / "out_b") != sha_a
+    assert cell_data_sha256(load_cif_dataset(tmp_path / "b"), tmp_path / "out_b") != sha_a
     write_cif_folder(tmp_path / "c", structures, [t + 1.0 for t in targets])  # other targets
-    assert cell_data_sha256(data.load_cif_dataset(tmp_path / "c"), tmp_path / "out_c") != sha_a
+    assert cell_data_sha256(load_cif_dataset(tmp_path / "c"), tmp_path / "out_c") != sha_a
 
 
 def test_data_sha256_of_a_zip_follows_its_external_targets(real_structures, real_targets, tmp_path):
@@ -184,7 +187,7 @@ def test_data_sha256_of_a_zip_follows_its_external_targets(real_structures, real
         pd.DataFrame({"file": names, "target": np.asarray(real_targets[:10]) + shift}).to_csv(
             csv, index=False
         )
-        shas.append(cell_data_sha256(data.load_cif_dataset(archive, csv), tmp_path / f"out{shift}"))
+        shas.append(cell_data_sha256(load_cif_dataset(archive, csv), tmp_path / f"out{shift}"))
     assert shas[0] != shas[1]
 
 

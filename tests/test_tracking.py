@@ -23,22 +23,21 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from matbench_dim import tracking  # noqa: E402
-from matbench_dim.callbacks import Callback  # noqa: E402
-from matbench_dim.pyfunc import CifParseError, cif_frame, load_model, structures_from_cifs  # noqa: E402
-from matbench_dim.tracking import (  # noqa: E402
+from matbench_dim.tracking import tracker as tracking  # noqa: E402
+from matbench_dim.tracking.pyfunc import CifParseError, cif_frame, load_model, structures_from_cifs  # noqa: E402
+from matbench_dim.tracking.runs import MAX_PARAM_CHARS, MLflowCallback, flatten_params, git_commit  # noqa: E402
+from matbench_dim.tracking.store import default_store, resolve_tracking_uri  # noqa: E402
+from matbench_dim.tracking.tracker import (  # noqa: E402
     TAG_HOST,
     TAG_PARENT,
     TAG_PID,
     TAG_PROC_START,
-    MLflowCallback,
     NullTracker,
     close_stale_runs,
     download_encoder,
-    flatten_params,
-    resolve_tracking_uri,
     setup_tracking,
 )
+from matbench_dim.training.callbacks import Callback  # noqa: E402
 
 TINY = {
     "device": "cpu",
@@ -81,7 +80,7 @@ def _env(uri: str) -> dict[str, str]:
 # ----------------------------------------------------------------------- pure helpers
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    uri, artifacts = tracking.default_store()
+    uri, artifacts = default_store()
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
     assert artifacts == tmp_path.resolve() / "mlruns" / "artifacts"
     assert resolve_tracking_uri() == uri
@@ -166,7 +165,7 @@ def test_long_and_many_params_are_truncated_and_batched(store):
     got = tracker.client.get_run(run.run_id).data.params
     assert len(got) == 251
     assert got["p249"] == "249"
-    assert len(got["long"]) == tracking.MAX_PARAM_CHARS
+    assert len(got["long"]) == MAX_PARAM_CHARS
     full = tracker.client.download_artifacts(run.run_id, "params.json")
     assert json.loads(Path(full).read_text())["long"] == "x" * 2000
 
@@ -227,7 +226,7 @@ def test_close_stale_runs_spares_live_and_unverifiable_runs(store):
 
 _HOLD_RUN = """
 import sys, time
-from matbench_dim.tracking import setup_tracking
+from matbench_dim.tracking.tracker import setup_tracking
 tracker = setup_tracking(sys.argv[1], sys.argv[2])
 with tracker.start_parent_run(sys.argv[3]) as run:
     print(run.run_id, flush=True)
@@ -316,7 +315,9 @@ def fitted_run(store, real_structures, real_targets):
 
     tracker = setup_tracking(store, tracking.task_experiment("matbench_jdft2d"))
     X, y = real_structures, np.asarray(real_targets, dtype=float)
-    data_file = Path(str(resources.files("matbench_dim") / "datasets" / "matbench_jdft2d.json.gz"))
+    data_file = Path(
+        str(resources.files("matbench_dim") / "data" / "samples" / "matbench_jdft2d.json.gz")
+    )
     tags = {"method": "dim", "mode": "transfer"}
     with (
         tracker.start_parent_run("bench", tags=tags) as parent,
@@ -368,7 +369,7 @@ def test_fit_records_params_metrics_and_tags(fitted_run):
     for key, value in est.get_params().items():
         if key != "callbacks":
             assert params[key] == str(value), key
-    assert params["callbacks"] == "[matbench_dim.tracking_runs.MLflowCallback]"
+    assert params["callbacks"] == "[matbench_dim.tracking.runs.MLflowCallback]"
     digest = hashlib.sha256(Path(fitted_run["data_file"]).read_bytes()).hexdigest()
     assert params["data.sha256"] == digest
     assert (params["data.dataset"], params["data.fold"], params["data.n"]) == (
@@ -380,7 +381,7 @@ def test_fit_records_params_metrics_and_tags(fitted_run):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["version.mlflow"] == mlflow.__version__
     assert "version.torch" in parent.data.params
-    if tracking.git_commit() is not None:
+    if git_commit() is not None:
         assert len(parent.data.params["git.commit"]) == 40
     checked = [("finetune", "val_loss"), ("finetune", "train_loss"), ("pretrain", "train_dim_loss")]
     for stage, key in checked:
@@ -505,7 +506,7 @@ def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
     import sys
 
     code = (
-        "from matbench_dim.tracking import setup_tracking; "
+        "from matbench_dim.tracking.tracker import setup_tracking; "
         f"t = setup_tracking('sqlite:///{tmp_path}/m.db', 'race'); print(t.experiment_id)"
     )
     procs = [

@@ -25,7 +25,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from matbench_dim.callbacks import Callback, StopTraining, TrainingState
+from matbench_dim.training.callbacks import Callback, StopTraining, TrainingState
 from matbench_dim.tuning import (
     EncoderCache,
     HeartbeatJournalStorage,
@@ -44,7 +44,7 @@ from matbench_dim.tuning import (
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-JDFT2D = REPO / "matbench_dim" / "datasets" / "matbench_jdft2d.json.gz"
+JDFT2D = REPO / "matbench_dim" / "data" / "samples" / "matbench_jdft2d.json.gz"
 
 # ----------------------------------------------------------------------- a small real model
 
@@ -175,7 +175,7 @@ def small_task(n: int = 30) -> Any:
     """``n`` real matbench_jdft2d crystals (exfoliation energy, meV/atom), 5 seeded folds."""
     from matminer.utils.io import load_dataframe_from_json
 
-    from matbench_dim.data import task_from_structures
+    from matbench_dim.data.task import task_from_structures
 
     df = load_dataframe_from_json(str(JDFT2D), pbar=False)
     df = df.assign(nsites=[len(s) for s in df["structure"]])

@@ -19,7 +19,7 @@ def minimum_image_distances(
     The difference vector is expressed in fractional coordinates of the supercell lattice,
     wrapped to [-0.5, 0.5], and the shortest of its 27 neighbouring images is taken: the true
     minimum image for the reduced, near-orthorhombic lattices stored by
-    :mod:`matbench_dim.featurize` (tests: within 1e-5 Angstrom of pymatgen). Computed in
+    :mod:`matbench_dim.features.featurize` (tests: within 1e-5 Angstrom of pymatgen). Computed in
     float64 (float32 on Apple MPS, which has no float64) as ``|c|^2 + 2 c.v + |v|^2`` with one batched matmul over the 27 image offsets
     ``v``; not meant to be differentiated.
 

@@ -1,6 +1,6 @@
 """The Site-Net encoder: global self-attention over the sites of a real-space supercell.
 
-Shapes used throughout (see :class:`matbench_dim.featurize.Batch`):
+Shapes used throughout (see :class:`matbench_dim.features.featurize.Batch`):
 
 - ``B`` crystals in a batch, ``P`` unique (primitive-cell) sites per crystal (padded),
   ``S`` supercell sites per crystal (padded), ``F`` elemental site features.
@@ -158,7 +158,7 @@ class PairInputs(NamedTuple):
 
 
 def pair_inputs(batch: Any) -> PairInputs:
-    """Compute the row-layout pair geometry of a :class:`~matbench_dim.featurize.Batch`."""
+    """Compute the row-layout pair geometry of a :class:`~matbench_dim.features.featurize.Batch`."""
     rows = batch.prim_mask.nonzero()
     row_crystal, row_site = rows[:, 0], rows[:, 1]
     n_sites = batch.prim_mask.sum(1)
@@ -344,7 +344,7 @@ class LocalEncoder(nn.Module):
 
 
 def _site_feature_stats(n_features: int) -> tuple[Tensor, Tensor]:
-    from matbench_dim.elements import element_feature_table
+    from matbench_dim.features.elements import element_feature_table
 
     table = torch.tensor(np.array(element_feature_table()[1:]), dtype=torch.float32)
     if table.shape[1] != n_features:
@@ -419,7 +419,7 @@ class SiteNetEncoder(nn.Module):
         generator: torch.Generator | None = None,
         pairs: PairInputs | None = None,
     ) -> EncoderOutput:
-        """Encode a :class:`~matbench_dim.featurize.Batch`.
+        """Encode a :class:`~matbench_dim.features.featurize.Batch`.
 
         Parameters
         ----------

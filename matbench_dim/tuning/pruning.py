@@ -1,6 +1,6 @@
 """Pruning: Optuna pruners by name, and a training callback that reports to a trial.
 
-:class:`OptunaPruningCallback` is a :class:`matbench_dim.callbacks.Callback`, so the
+:class:`OptunaPruningCallback` is a :class:`matbench_dim.training.callbacks.Callback`, so the
 estimator's training loops report per-epoch validation losses to Optuna without importing it.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from matbench_dim.callbacks import Callback, TrainingState
+from matbench_dim.training.callbacks import Callback, TrainingState
 
 __all__ = ["OptunaPruningCallback", "make_pruner"]
 

@@ -66,12 +66,12 @@ def _tracking_parent(
     tags: dict[str, str],
     params: dict[str, Any],
 ) -> Iterator[tuple[Any, Any]]:
-    """``(tracker, parent run)`` from :mod:`matbench_dim.tracking`, or ``(None, None)``."""
+    """``(tracker, parent run)`` from :mod:`matbench_dim.tracking.tracker`, or ``(None, None)``."""
     if not enabled:
         yield None, None
         return
     try:
-        from matbench_dim.tracking import setup_tracking
+        from matbench_dim.tracking.tracker import setup_tracking
 
         tracker = setup_tracking(uri, experiment)
     except (ImportError, AttributeError) as exc:
@@ -130,7 +130,7 @@ def tune(
     Parameters
     ----------
     task
-        A :class:`matbench_dim.data.Task` or a name for :func:`matbench_dim.data.load_task`.
+        A :class:`matbench_dim.data.task.Task` or a name for :func:`matbench_dim.data.sources.load_task`.
     n_labels
         Labelled-subset size ``n`` the parameters are tuned for.
     n_trials
@@ -174,7 +174,7 @@ def tune(
         The study; the best parameters are exported with :func:`export_best` when ``export``.
     """
     if isinstance(task, str):
-        from matbench_dim.data import load_task
+        from matbench_dim.data.sources import load_task
 
         task = load_task(task, target=target)
     fold = 0 if fold is None else int(fold)

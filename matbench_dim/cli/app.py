@@ -1,0 +1,629 @@
+"""The ``matbench-dim`` command line: run, pretrain, fit, predict, bench, report, tune, tasks.
+
+Every command prints where its outputs went. An error caused by the user's input (an unknown
+task, a missing file, a bad ``--param``, ``n`` larger than a fold) ends with a one-line
+message on stderr and exit code 2; another failure gives one line and exit code 1.
+``matbench-dim --debug <command>`` shows the traceback instead. Library code logs; only the
+command line (this module and :mod:`matbench_dim.cli.support`) prints.
+
+Commands that train record an MLflow run (``--tracking-uri``, default ``$MLFLOW_TRACKING_URI``
+or ``./mlruns``; ``--no-tracking`` records nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from matbench_dim.cli.support import (
+    STATE,
+    CLIGroup,
+    EncoderFrom,
+    NoTracking,
+    Params,
+    TrackingUri,
+    UserError,
+    check_params,
+    echo_lines,
+    encoder_folder,
+    existing,
+    int_values,
+    load_task_quietly,
+    log_task_provenance,
+    make_estimator,
+    make_tracker,
+    parse_params,
+    pretraining_structures,
+    quiet_matbench,
+    read_cifs,
+    split_values,
+    task_spec,
+    tuned_params,
+)
+from matbench_dim.paths import check_writable
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+app = typer.Typer(
+    name="matbench-dim",
+    cls=CLIGroup,
+    help="Deep InfoMax pretraining of Site-Net for matbench: run, pretrain, fit, predict, "
+    "bench, report, tune, tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from matbench_dim import __version__
+
+        typer.echo(f"matbench-dim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads (default: $MATBENCH_DIM_NUM_THREADS or torch's)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Deep InfoMax pretraining of Site-Net, inside matbench's fold loop."""
+    STATE.update(debug=debug, verbose=verbose or debug)
+    logging.basicConfig(
+        level=logging.INFO if verbose or debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from matbench_dim.runtime import configure_threads
+
+    configure_threads(threads)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@app.command()
+def run(
+    task: Annotated[str, typer.Option(help="Task name (see `matbench-dim tasks`).")] = (
+        "matbench_jdft2d"
+    ),
+    fold: Annotated[int, typer.Option(help="Fold to run.")] = 0,
+    n_labels: Annotated[int, typer.Option(help="Labelled training structures.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the labelled subset and the model.")] = 0,
+    pretrain_epochs: Annotated[int, typer.Option(help="DIM pretraining epochs.")] = 8,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 150,
+    max_train_structures: Annotated[
+        int | None, typer.Option(help="Cap on the pretraining structures (seeded draw).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/run"),
+    data_home: Annotated[Path | None, typer.Option(help="Folder with the dataset files.")] = None,
+    param: Params = None,
+    encoder_from: EncoderFrom = None,
+    tracking_uri: TrackingUri = None,
+    no_tracking: NoTracking = False,
+) -> None:
+    """The main job: DIM-pretrain on a fold's training structures (labels hidden), fine-tune
+    on a few labels, predict the fold's test set and record it in a matbench results file.
+
+    Defaults run on matbench_jdft2d (shipped with the package) in a few minutes on 2 cores.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from matbench_dim.bench.matbench_io import new_benchmark, record, save_benchmark
+    from matbench_dim.bench.subsets import draw_subset
+    from matbench_dim.tracking.tracker import task_experiment
+
+    t0 = time.perf_counter()
+    params = {
+        "pretrain__epochs": pretrain_epochs,
+        "finetune__epochs": finetune_epochs,
+        "random_state": seed,
+        "encoder__activation": "silu",
+        "verbose": 1,
+        **parse_params(param),
+    }
+    est = make_estimator(params)
+    check_writable(out)
+    t = load_task_quietly(task, data_home=data_home)
+    if not 0 <= fold < t.n_folds:
+        raise UserError(f"--fold must be in 0..{t.n_folds - 1} for {task}, got {fold}")
+    x_train, y_train = t.train_data(fold)
+    ids = draw_subset(t.train_ids(fold), n_labels, fold=fold, seed=seed)
+    pool = None
+    if encoder_from is not None:
+        est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
+        start = f"fine-tuning the encoder {encoder_from}"
+    else:
+        pool = pretraining_structures(t, fold, max_train_structures)
+        start = f"DIM pretraining on {len(pool)} training structures (labels hidden), fine-tuning"
+    x_test = t.test_inputs(fold)
+    typer.echo(
+        f"{task} fold {fold}: {start} on {len(ids)} labels, predicting {len(x_test)} test structures"
+    )
+    tracker = make_tracker(tracking_uri, no_tracking, task_experiment(t.name))
+    tags = {"kind": "run", "method": "dim", "mode": "transfer"}
+    with tracker.start_parent_run(f"run {t.name} fold{fold} n{n_labels} seed{seed}", tags) as mlrun:
+        if mlrun.enabled:
+            mlrun.log_estimator_params(est)
+            subsets = {"train": list(ids), "test": list(x_test.index)}
+            if pool is not None:
+                subsets["pretrain"] = list(pool.index)
+            log_task_provenance(mlrun, t, fold=fold, n=n_labels, seed=seed, subset_ids=subsets)
+            mlrun.log_params({"encoder_from": encoder_from})
+            est.set_params(callbacks=[mlrun.callback()])
+        est.fit(x_train.loc[ids], y_train.loc[ids], X_unlabeled=pool)
+        pred = est.predict(x_test)
+        model_dir = est.save(out / "model")
+        y_test = t.test_targets(fold).loc[x_test.index].to_numpy(dtype=float)
+        metrics = mlrun.log_test_metrics(y_test, pred)
+        dummy = float(np.mean(np.abs(y_test - y_train.loc[ids].mean())))
+        mlrun.log_metrics({"test/dummy_mae": dummy})
+        unit = f" {t.unit}" if t.unit else ""
+        lines = [
+            f"test MAE {metrics['mae']:.4g}{unit} (train-mean dummy {dummy:.4g}) on "
+            f"{len(y_test)} structures"
+        ]
+        pred_path = out / "predictions.csv"
+        frame = {"id": x_test.index, "prediction": pred, "target": y_test}
+        pd.DataFrame(frame).to_csv(pred_path, index=False)
+        mlrun.log_file(pred_path)
+        mlrun.log_dir(model_dir, "estimator")
+        if pool is not None:
+            est.save_encoder(out / "encoder")
+            mlrun.log_dir(out / "encoder", "encoder")
+            lines.append(f"encoder: {out / 'encoder'}")
+        if t.is_matbench:
+            mb = new_benchmark([t])
+            run_params = {
+                "n_labels": len(ids),
+                "seed": seed,
+                "labelled_ids": [str(i) for i in ids],
+                **{k: v for k, v in est.get_params().items() if k != "callbacks"},
+            }
+            record(mb, t.name, fold, pd.Series(pred, index=x_test.index), params=run_params)
+            path = save_benchmark(mb, out / "results.json.gz")
+            mlrun.log_file(path, "matbench")
+            lines.append(f"matbench results: {path}")
+    lines += [f"predictions: {pred_path}", f"model: {model_dir}"]
+    if mlrun.run_id is not None:
+        lines.append(f"MLflow run {mlrun.run_id} in {tracker.tracking_uri}")
+        if pool is not None:
+            lines.append(f"reuse the encoder with --encoder-from runs:/{mlrun.run_id}/encoder")
+    lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
+    echo_lines(lines)
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+@app.command()
+def pretrain(
+    task: Annotated[str | None, typer.Option(help="Pretrain on this task's fold.")] = None,
+    cifs: Annotated[
+        Path | None, typer.Option(help="...or on your own CIFs (folder or zip).")
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Target of --task (local datasets).")] = None,
+    fold: Annotated[int, typer.Option(help="Fold of --task whose training part is used.")] = 0,
+    max_train_structures: Annotated[
+        int | None, typer.Option(help="Cap on the pretraining structures (seeded draw).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="DIM pretraining epochs.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the DIM samples.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/pretrain"),
+    data_home: Annotated[Path | None, typer.Option(help="Folder with the dataset files.")] = None,
+    param: Params = None,
+    tracking_uri: TrackingUri = None,
+    no_tracking: NoTracking = False,
+) -> None:
+    """DIM-pretrain the Site-Net encoder on a task fold's training structures or on your CIFs
+    and save it to OUT/encoder. Each epoch is checkpointed to OUT/pretrain.ckpt: re-running
+    the same command after an interruption resumes from there."""
+    from matbench_dim.tracking.tracker import DEFAULT_EXPERIMENT, task_experiment
+
+    if (task is None) == (cifs is None):
+        raise UserError("give exactly one of --task or --cifs")
+    t0 = time.perf_counter()
+    ckpt = out / "pretrain.ckpt"
+    params = {
+        "pretrain__epochs": epochs,
+        "random_state": seed,
+        "encoder__activation": "silu",
+        "verbose": 1,
+        **parse_params(param),
+        "pretrain__checkpoint": str(ckpt),
+    }
+    est = make_estimator(params)
+    check_writable(out)
+    if task is not None:
+        t = load_task_quietly(task, target, data_home)
+        X = pretraining_structures(t, fold, max_train_structures)
+        source, experiment = f"{t.name} fold {fold}", task_experiment(t.name)
+    else:
+        X = read_cifs(cifs)
+        source, experiment = str(cifs), DEFAULT_EXPERIMENT
+    resuming = ckpt.exists()
+    typer.echo(
+        f"DIM pretraining on {len(X)} structures of {source} for {epochs} epochs"
+        + (f" (resuming from {ckpt})" if resuming else "")
+    )
+    tracker = make_tracker(tracking_uri, no_tracking, experiment)
+    tags = {"kind": "pretrain", "method": "dim", "mode": "pretrain"}
+    with tracker.start_parent_run(f"pretrain {source}", tags) as mlrun:
+        if mlrun.enabled:
+            mlrun.log_estimator_params(est)
+            ids = {"pretrain": [str(i) for i in X.index]}
+            if task is not None:
+                log_task_provenance(mlrun, t, fold=fold, subset_ids=ids)
+            else:
+                mlrun.log_provenance(str(cifs), subset_ids=ids)
+            est.set_params(callbacks=[mlrun.callback()])
+        est.pretrain(X)
+        path = est.save_encoder(out / "encoder")
+        history = est.pretrain_history_
+        manifest = {
+            "source": source,
+            "n_structures": len(X),
+            "ids": [str(i) for i in X.index],
+            "params": {k: v for k, v in est.get_params().items() if k != "callbacks"},
+            "history": history,
+            "mlflow_run_id": mlrun.run_id,
+        }
+        (out / "pretrain.json").write_text(json.dumps(manifest, indent=1, default=str))
+        mlrun.log_dir(path, "encoder")
+    last = history[-1] if history else {}
+    lines = [f"encoder: {path}", f"checkpoint: {ckpt}"]
+    if "train_dim_loss" in last:
+        lines.insert(0, f"{len(history)} epochs, last train DIM loss {last['train_dim_loss']:.4g}")
+    if mlrun.run_id is not None:
+        lines.append(f"MLflow run {mlrun.run_id}: --encoder-from runs:/{mlrun.run_id}/encoder")
+    lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
+    echo_lines(lines)
+
+
+# --------------------------------------------------------------------------- fit / predict
+
+
+@app.command()
+def fit(
+    cifs: Annotated[Path, typer.Option(help="Labelled CIFs (folder or zip).")],
+    out: Annotated[Path, typer.Option(help="Folder to save the fitted model in.")],
+    csv: Annotated[
+        Path | None,
+        typer.Option(help="CSV with columns file and the target (default: inside --cifs)."),
+    ] = None,
+    target_column: Annotated[str, typer.Option(help="Target column of the CSV.")] = "target",
+    unlabelled: Annotated[
+        Path | None, typer.Option(help="Extra unlabelled CIFs for DIM pretraining.")
+    ] = None,
+    encoder_from: EncoderFrom = None,
+    no_pretrain: Annotated[
+        bool, typer.Option("--no-pretrain", help="Fine-tune from random weights.")
+    ] = False,
+    pretrain_epochs: Annotated[int, typer.Option(help="DIM pretraining epochs.")] = 30,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the model.")] = 0,
+    param: Params = None,
+    tracking_uri: TrackingUri = None,
+    no_tracking: NoTracking = False,
+) -> None:
+    """Fit on your own labelled CIFs (after DIM pretraining on them and on --unlabelled, with
+    labels hidden) and save the model; predict with `matbench-dim predict`."""
+    import pandas as pd
+
+    from matbench_dim.data.cif import load_cif_dataset
+    from matbench_dim.tracking.tracker import task_experiment
+
+    t0 = time.perf_counter()
+    if encoder_from is not None and (unlabelled is not None or no_pretrain):
+        raise UserError("--encoder-from excludes --unlabelled and --no-pretrain")
+    params = {
+        "pretrain__epochs": pretrain_epochs,
+        "finetune__epochs": finetune_epochs,
+        "random_state": seed,
+        "encoder__activation": "silu",
+        "verbose": 1,
+        **parse_params(param),
+    }
+    est = make_estimator(params)
+    check_writable(out)
+    if csv is not None:
+        existing(csv, "CSV file")
+    t = load_cif_dataset(existing(cifs, "CIF folder or zip"), csv, target_column, n_splits=None)
+    if t.targets is None:
+        raise UserError(f"no targets for {cifs}: pass --csv with columns file and {target_column}")
+    extra = [] if t.unlabelled_pool is None else [t.unlabelled_pool]
+    if unlabelled is not None:
+        extra.append(read_cifs(unlabelled))
+    pool = None
+    if encoder_from is not None:
+        est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
+    elif not no_pretrain:
+        pool = pd.concat(extra) if extra else t.structures
+    method = "dim" if pool is not None or encoder_from else "random_init"
+    typer.echo(
+        f"fitting on {len(t.structures)} labelled structures"
+        + (
+            f" after DIM pretraining on {len(t.structures) + sum(map(len, extra))}"
+            if pool is not None
+            else ""
+        )
+    )
+    tracker = make_tracker(tracking_uri, no_tracking, task_experiment(t.name))
+    tags = {"kind": "fit", "method": method, "mode": "transfer"}
+    with tracker.start_parent_run(f"fit {t.name}", tags) as mlrun:
+        if mlrun.enabled:
+            mlrun.log_estimator_params(est)
+            log_task_provenance(mlrun, t, subset_ids={"train": list(t.structures.index)})
+            est.set_params(callbacks=[mlrun.callback()])
+        est.fit(t.structures, t.targets.to_numpy(dtype=float), X_unlabeled=pool)
+        path = est.save(out)
+        mlrun.log_dir(path, "estimator")
+        if mlrun.enabled:
+            mlrun.log_pyfunc_model(est, list(t.structures.iloc[:2]), output_name=target_column)
+    history = est.history_["finetune"]
+    best = history[est.best_epoch_] if 0 <= est.best_epoch_ < len(history) else {}
+    lines = [f"model: {path}"]
+    if "val_mae" in best:
+        lines.insert(0, f"best validation MAE {best['val_mae']:.4g} (epoch {est.best_epoch_})")
+    if mlrun.run_id is not None:
+        lines.append(f"MLflow run {mlrun.run_id}; MLflow model runs:/{mlrun.run_id}/model")
+    lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
+    echo_lines(lines)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="Model folder (from `fit`), or runs:/<id>/estimator.")],
+    cifs: Annotated[Path, typer.Option(help="CIFs to predict (folder or zip).")],
+    out: Annotated[Path, typer.Option(help="CSV to write (columns id, prediction).")] = Path(
+        "predictions.csv"
+    ),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Predict the property of every CIF in a folder or zip with a fitted model."""
+    import pandas as pd
+
+    from matbench_dim.estimator import SiteNetDIMRegressor
+    from matbench_dim.tracking.tracker import download_artifact_dir
+
+    folder = download_artifact_dir(model, None, tracking_uri, what="model folder")
+    est = SiteNetDIMRegressor.load(folder)
+    check_writable(out.parent)
+    X = read_cifs(cifs)
+    pred = est.predict(X)
+    pd.DataFrame({"id": X.index, "prediction": pred}).to_csv(out, index=False)
+    echo_lines([f"{len(pred)} predictions: {out}"])
+
+
+@app.command()
+def bench(
+    tasks: Annotated[
+        list[str], typer.Option("--tasks", "--task", help="Task NAME or NAME:TARGET (repeatable).")
+    ],
+    folds: Annotated[list[str] | None, typer.Option(help="Folds (default: all).")] = None,
+    n_labels: Annotated[
+        list[str] | None, typer.Option(help="Labelled-subset sizes (default 50,100,250,500,1000).")
+    ] = None,
+    seeds: Annotated[list[str] | None, typer.Option(help="Seeds (default 0,1,2,3,4).")] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Methods (default dummy_mean,rf_magpie,dim,random_init; band-gap targets "
+            "also zero,median)."
+        ),
+    ] = None,
+    max_train_structures: Annotated[
+        int | None, typer.Option(help="Cap on each fold's pretraining structures.")
+    ] = None,
+    n_jobs: Annotated[int, typer.Option(help="Parallel cells (joblib workers).")] = 1,
+    backend: Annotated[str, typer.Option(help="loky (local processes) or dask.")] = "loky",
+    scheduler_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler (default: a local cluster).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Results folder (resumed if it exists).")] = Path(
+        "outputs/bench"
+    ),
+    param: Params = None,
+    transfer_target: Annotated[
+        str | None, typer.Option(help="Property the `transfer` method pretrains on.")
+    ] = None,
+    params_from_study: Annotated[
+        bool,
+        typer.Option(help="Use tuned parameters (tuning.load_best_params) per task and n."),
+    ] = False,
+    study_storage: Annotated[
+        str | None, typer.Option(help="Optuna storage for --params-from-study (default: exports).")
+    ] = None,
+    data_home: Annotated[Path | None, typer.Option(help="Folder with the dataset files.")] = None,
+    tracking_uri: TrackingUri = None,
+    no_tracking: NoTracking = False,
+) -> None:
+    """The label-masking benchmark: for each task, fold, method, n and seed, fit on n labels
+    and predict the fold's test set. Finished cells are skipped, so a re-run resumes."""
+    from matbench_dim.bench.grid import DEFAULT_N_LABELS, DEFAULT_SEEDS, run_grid
+    from matbench_dim.bench.methods import SITENET_NAMES, default_methods
+    from matbench_dim.bench.report import summarize
+
+    if backend not in ("loky", "dask"):
+        raise UserError(f"--backend must be loky or dask, got {backend!r}")
+    specs = [task_spec(s) for s in split_values(tasks)]
+    ns = int_values(n_labels, "--n-labels") or list(DEFAULT_N_LABELS)
+    chosen = split_values(methods)
+    # default: DEFAULT_METHODS, plus the zero / median predictors for band-gap targets
+    per_spec = {s: chosen or default_methods(s[1] or s[0]) for s in specs}
+    method_names = list(dict.fromkeys(m for names in per_spec.values() for m in names))
+    extra = parse_params(param)
+    sitenet = [m for m in method_names if m in SITENET_NAMES]
+    if extra and not sitenet:
+        raise UserError("--param sets Site-Net estimator parameters; no Site-Net method chosen")
+    if extra:
+        check_params(extra)
+    quiet_matbench()
+    grid = {
+        "folds": int_values(folds, "--folds") or None,
+        "seeds": int_values(seeds, "--seeds") or list(DEFAULT_SEEDS),
+        "methods": method_names,
+        "max_train_structures": max_train_structures,
+        "n_jobs": n_jobs,
+        "backend": backend,
+        "scheduler_address": scheduler_address,
+        "data_home": None if data_home is None else str(data_home),
+        "tracking_uri": tracking_uri,
+        "tracking": not no_tracking,
+    }
+    # tuned parameters depend on (task, n): one grid call per pair; otherwise one call per
+    # set of methods (band-gap tasks get more baselines by default)
+    groups: dict[tuple[str, ...], list[tuple[str, str | None]]] = {}
+    for s in specs:
+        groups.setdefault(tuple(per_spec[s]), []).append(s)
+    calls = [(group, ns, {}, list(names)) for names, group in groups.items()]
+    if params_from_study and sitenet:
+        calls = [
+            ([s], [n], tuned_params(s[0], s[1], n, study_storage), per_spec[s])
+            for s in specs
+            for n in ns
+        ]
+    t0 = time.perf_counter()
+    totals = {"cells": 0, "run": 0, "skipped": 0, "pretrained": 0, "recorded": 0}
+    parents: dict[str, str] = {}
+    for call_specs, call_ns, tuned, call_methods in calls:
+        est_params = {**tuned, **extra}
+        method_params: dict[str, dict[str, Any]] = {
+            m: {"estimator_params": est_params} for m in sitenet
+        }
+        if "transfer" in method_params:
+            method_params["transfer"]["transfer_target"] = transfer_target
+        summary = run_grid(
+            [(name, target) if target else name for name, target in call_specs],
+            out,
+            n_labels=call_ns,
+            method_params={m: p for m, p in method_params.items() if m in call_methods},
+            **{**grid, "methods": call_methods},
+        )
+        for key in totals:
+            totals[key] += getattr(summary, f"n_{key}")
+        parents.update(summary.tracking_runs)
+    table = summarize(summary.results())
+    lines = [
+        f"{totals['cells']} cells: {totals['run']} run, {totals['skipped']} already done, "
+        f"{totals['pretrained']} pretrainings, {totals['recorded']} matbench records, "
+        f"{time.perf_counter() - t0:.0f} s",
+    ]
+    if not table.empty:
+        lines += ["", table.to_string(index=False, float_format=lambda x: f"{x:.4g}"), ""]
+    lines += [f"results: {out / 'cells'}"]
+    if (out / "matbench").is_dir():
+        lines.append(f"matbench results files: {out / 'matbench'}")
+    lines += [f"MLflow parent run {rid} ({key})" for key, rid in parents.items()]
+    lines.append(f"report: matbench-dim report {out}")
+    echo_lines(lines)
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="Results folder of `bench`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write (default RESULTS_DIR/report).")
+    ] = None,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Method compared pairwise to the others (repeatable; default dim, dim_rf)."
+        ),
+    ] = None,
+) -> None:
+    """Learning curves (PNG), a markdown table and paired statistics from a results folder."""
+    from matbench_dim.bench.report import write_report
+
+    refs = split_values(reference) if reference else ["dim", "dim_rf"]
+    paths = write_report(existing(results_dir, "results folder"), out, reference=refs)
+    lines = [f"table: {paths.pop('markdown')}"]
+    lines += [f"learning curve {key}: {png}" for key, png in paths.items()]
+    echo_lines(lines)
+
+
+# --------------------------------------------------------------------------- tune / tasks
+
+
+@app.command()
+def tune(
+    task: Annotated[str, typer.Option(help="Task name (see `matbench-dim tasks`).")],
+    n_labels: Annotated[int, typer.Option(help="Labelled-subset size to tune for.")],
+    trials: Annotated[int, typer.Option(help="Trials the study should hold (resumed).")],
+    fold: Annotated[int | None, typer.Option(help="Fold whose training part is used (0).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default sqlite:///tuning/optuna.db).")
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Target (local datasets).")] = None,
+    param: Params = None,
+    tracking_uri: TrackingUri = None,
+    no_tracking: NoTracking = False,
+) -> None:
+    """Tune the estimator with Optuna (inner cross-validation inside a fold's training part)
+    and export the best parameters for `bench --params-from-study`."""
+    try:
+        from matbench_dim.tuning import tune as run_tuning
+    except ImportError as exc:
+        raise UserError(f"tuning is unavailable in this installation ({exc})") from exc
+    extra = parse_params(param)
+    if extra:
+        check_params(extra)
+    quiet_matbench()
+    study = run_tuning(
+        load_task_quietly(task, target),
+        n_labels,
+        trials,
+        fold=fold,
+        storage=storage,
+        base_params=extra,
+        tracking=not no_tracking,
+        tracking_uri=tracking_uri,
+    )
+    lines = [f"study {study.study_name}: {len(study.trials)} trials"]
+    try:
+        best = study.best_trial
+        lines += [f"best inner-CV MAE {best.value:.4g} (trial {best.number})"]
+        lines += [f"  {k} = {v}" for k, v in sorted(best.params.items())]
+    except ValueError:
+        lines.append("no trial completed yet")
+    else:
+        from matbench_dim.tuning import best_params_path
+
+        exported = best_params_path(study.user_attrs.get("task", task), n_labels)
+        if exported.exists():
+            lines.append(f"exported for `bench --params-from-study`: {exported}")
+    echo_lines(lines)
+
+
+@app.command()
+def tasks() -> None:
+    """List the task names `--task` accepts."""
+    from matbench_dim.data.sources import available_tasks
+
+    for name in available_tasks():
+        typer.echo(name)
+
+
+def main() -> None:
+    """Entry point of the ``matbench-dim`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
