@@ -43,7 +43,7 @@ from matbench_dim.tuning import (
 )
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
+REPO = TESTS.parents[1]
 JDFT2D = REPO / "matbench_dim" / "data" / "samples" / "matbench_jdft2d.json.gz"
 
 # ----------------------------------------------------------------------- a small real model
