@@ -33,6 +33,7 @@ RANKS: dict[str, int] = {
     "bench": 7,
     "tuning": 7,
     "cli": 8,
+    "__main__": 8,  # python -m matbench_dim: the command line
 }
 EDGE_LIBRARIES = ("matbench", "optuna", "mlflow", "typer", "dask", "optuna_dashboard")
 PURE_STAGES = ("model", "features")

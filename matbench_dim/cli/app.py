@@ -50,6 +50,9 @@ from matbench_dim.paths import check_writable
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+NO_TORCH_COMMANDS = frozenset({"tasks", "report"})
+"""Commands that never touch torch: the root callback does not import it for them."""
+
 
 app = typer.Typer(
     name="matbench-dim",
@@ -73,6 +76,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
     threads: Annotated[
@@ -89,6 +93,8 @@ def _main(
         level=logging.INFO if verbose or debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if ctx.invoked_subcommand in NO_TORCH_COMMANDS:
+        return  # torch takes about a second to import: only commands that train load it
     from matbench_dim.runtime import configure_threads
 
     configure_threads(threads)
@@ -613,11 +619,22 @@ def tune(
 
 @app.command()
 def tasks() -> None:
-    """List the task names `--task` accepts."""
-    from matbench_dim.data.sources import available_tasks
+    """List the task names `--task` accepts, and whether their data is on this machine."""
+    from matbench_dim.data.sources import available_tasks, task_data_file
 
-    for name in available_tasks():
-        typer.echo(name)
+    names = available_tasks()
+    width = max(map(len, names))
+    missing = 0
+    for name in names:
+        path = task_data_file(name)
+        missing += path is None
+        where = str(path) if path is not None else "data not on this machine"
+        typer.echo(f"{name:<{width}}  {where}")
+    if missing:
+        typer.echo(
+            f"\n{missing} of {len(names)} tasks need data that is not here; `load_task` names the "
+            "file and where to put it (or set $MATBENCH_DIM_SHARED_DATA / $MATMINER_DATA)."
+        )
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import time
@@ -84,9 +85,10 @@ def matbench_search_path(data_home: PathLike | None = None) -> list[tuple[str, P
     default data home and the package's shipped files (only when ``data_home`` is None)."""
     out = data_search_path(data_home)
     if data_home is None:
-        import matminer.datasets
-
-        out.append(("matminer's default data home", Path(matminer.datasets.__file__).parent))
+        matminer = importlib.util.find_spec("matminer")  # its folder, without importing it
+        if matminer is not None and matminer.submodule_search_locations:
+            home = Path(next(iter(matminer.submodule_search_locations))) / "datasets"
+            out.append(("matminer's default data home", home))
         out.append(("shipped in matbench_dim/data/samples", datasets_dir()))
     return out
 
@@ -108,13 +110,21 @@ def find_data_file(
                 return candidate
     where = "; ".join(f"{label}: {directory}" for label, directory in search)
     # suggest the first place the user chose (argument, env), else where matminer downloads
-    chosen = [d for label, d in search if label == "data_home argument" or label.startswith("$")]
-    fallback = [d for label, d in search if label.startswith("matminer")] or [search[0][1]]
-    home = (chosen or fallback)[0]
+    # suggest a place the user chose (argument, env) or the checkout's ../shared/data, never
+    # a folder inside an installed environment (matminer's data home lives in site-packages)
+    chosen = [
+        d
+        for label, d in search
+        if label == "data_home argument" or label.startswith(("$", "../shared"))
+    ]
+    put = (
+        f"Put the file at {chosen[0] / relpaths[0]}, or point"
+        if chosen
+        else "Put the file in a folder of your choice and point"
+    )
     raise DataNotFoundError(
-        f"{relpaths[0]} not found (searched {where}). Put the file at {home / relpaths[0]}, "
-        f"or point data_home / ${SHARED_DATA_ENV} / ${MATMINER_DATA_ENV} at the folder "
-        f"holding it. {how_to_get}".rstrip()
+        f"{relpaths[0]} not found (searched {where}). {put} data_home / ${SHARED_DATA_ENV} / "
+        f"${MATMINER_DATA_ENV} at the folder holding it. {how_to_get}".rstrip()
     )
 
 
@@ -143,13 +153,52 @@ def matminer_data_home(directory: PathLike | None) -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
+MATBENCH_STRUCTURE_TASKS: tuple[str, ...] = (
+    "matbench_dielectric",
+    "matbench_jdft2d",
+    "matbench_log_gvrh",
+    "matbench_log_kvrh",
+    "matbench_mp_e_form",
+    "matbench_mp_gap",
+    "matbench_mp_is_metal",
+    "matbench_perovskites",
+    "matbench_phonons",
+)
+"""matbench v0.1's structure tasks, written out so that listing them does not load matbench
+(about a second); a test checks it against ``matbench.metadata``."""
+
+
 def matbench_task_names(input_type: str | None = "structure") -> list[str]:
     """Names of matbench v0.1 tasks (``input_type=None``: all 13, composition ones too)."""
+    if input_type == "structure":
+        return list(MATBENCH_STRUCTURE_TASKS)
     from matbench.metadata import mbv01_metadata
 
     return [
         k for k, v in mbv01_metadata.items() if input_type is None or v.input_type == input_type
     ]
+
+
+def task_data_file(name: str, data_home: PathLike | None = None) -> Path | None:
+    """Where the data of task ``name`` is on this machine, or ``None`` when it is not here.
+
+    Looks only for the file (no loading, no matbench or matminer import): a matbench task's
+    ``<name>.json.gz`` on the matbench search path, a local set's file on the data search
+    path, a sample in the package.
+    """
+    if name.startswith(SAMPLE_PREFIX):
+        base = name[len(SAMPLE_PREFIX) :]
+        spec = SAMPLE_DATASETS.get(base)
+        path = datasets_dir() / (spec.sample if spec else f"{base}.json.gz")
+        return path if path.is_file() else None
+    if name in LOCAL_DATASETS:
+        relpaths, search = LOCAL_DATASETS[name].files, data_search_path(data_home)
+    else:
+        relpaths, search = (f"{name}.json.gz",), matbench_search_path(data_home)
+    try:
+        return find_data_file(relpaths, search) if relpaths else None
+    except DataNotFoundError:
+        return None
 
 
 def matbench_data_file(name: str, data_home: PathLike | None = None) -> Path:

@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pymatgen.core import Structure
-from sklearn.model_selection import KFold
 
 if TYPE_CHECKING:
     from matbench.task import MatbenchTask
+    from pymatgen.core import Structure
 
 __all__ = [
     "MATBENCH_SEED",
@@ -262,6 +261,8 @@ def seeded_kfold(
             f"{len(ids_arr)} labelled entries cannot make {n_splits} folds; "
             "pass a smaller n_splits, or n_splits=None for a task without folds"
         )
+    from sklearn.model_selection import KFold  # here: `matbench-dim tasks` starts fast
+
     kf = KFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     return [(ids_arr[tr], ids_arr[te]) for tr, te in kf.split(ids_arr)]
 
@@ -329,6 +330,8 @@ def validate_targets(
 
 
 def _as_structures(items: Sequence[Any], ids: Sequence[str]) -> list[Structure]:
+    from pymatgen.core import Structure
+
     out, bad = [], []
     for i, s in zip(ids, items, strict=True):
         if isinstance(s, Structure):

@@ -68,7 +68,8 @@ def test_help_lists_every_command():
     listed = proc.stdout.split("Commands:")[1]
     for command in COMMANDS:
         assert f"\n  {command} " in listed
-    assert "matbench_jdft2d" in invoke("tasks").output.splitlines()
+    lines = invoke("tasks").output.splitlines()
+    assert any(line.split()[0] == "matbench_jdft2d" for line in lines if line.strip())
 
 
 @pytest.mark.parametrize(
@@ -337,3 +338,29 @@ def test_pretrain_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     assert [h["epoch_time_s"] for h in history[:kept]] == [
         h["epoch_time_s"] for h in saved["history"]
     ]
+
+
+def test_python_m_runs_the_cli_and_tasks_loads_no_torch(tmp_path):
+    """`python -m matbench_dim` is the CLI; `tasks` and `--help` never import torch."""
+    script = (
+        "import runpy, sys; sys.argv = ['matbench-dim', 'tasks']\n"
+        "try:\n    runpy.run_module('matbench_dim', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'pymatgen.core', 'sklearn', 'matbench', 'mlflow') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    assert "sample:flla" in names
+    assert "matbench_mp_gap" in names
+    helped = subprocess.run(
+        [sys.executable, "-m", "matbench_dim", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert helped.returncode == 0
+    assert "bench" in helped.stdout

@@ -241,6 +241,35 @@ def test_missing_matbench_file_fails_fast_with_instructions(name, tmp_path, no_d
     assert time.perf_counter() - t0 < 10
 
 
+def test_missing_file_message_never_suggests_a_folder_inside_an_installation(
+    monkeypatch, no_default_data
+):
+    monkeypatch.setattr(sources, "REPO_SHARED_DATA", None)  # as in an installed package
+    with pytest.raises(DataNotFoundError) as err:
+        load_task("matbench_mp_gap")
+    msg = str(err.value)
+    assert "Put the file in a folder of your choice and point" in msg
+    home = next(d for label, d in sources.matbench_search_path() if label.startswith("matminer"))
+    assert f"{home / 'matbench_mp_gap.json.gz'}" not in msg  # searched, but not suggested
+
+
+def test_written_out_matbench_task_names_match_matbench():
+    from matbench.metadata import mbv01_metadata
+
+    expected = [k for k, v in mbv01_metadata.items() if v.input_type == "structure"]
+    assert list(sources.MATBENCH_STRUCTURE_TASKS) == expected
+
+
+def test_task_data_file_finds_files_without_loading_them(monkeypatch, tmp_path, no_default_data):
+    assert sources.task_data_file("sample:flla") == SAMPLES_DIR / "flla_sample.json.gz"
+    assert sources.task_data_file("flla") is None
+    assert sources.task_data_file("matbench_mp_gap") is None
+    assert sources.task_data_file("matbench_jdft2d") == SAMPLES_DIR / "matbench_jdft2d.json.gz"
+    monkeypatch.setenv("MATBENCH_DIM_SHARED_DATA", str(tmp_path))
+    (tmp_path / "flla.json.gz").write_bytes(b"")
+    assert sources.task_data_file("flla") == tmp_path / "flla.json.gz"
+
+
 def test_bad_names_and_targets_are_explained():
     with pytest.raises(ValueError, match="matbench_mp_gap") as err:
         load_task("matbench_nonsense")
