@@ -21,10 +21,24 @@ import torch  # noqa: E402 - after the environment above is set
 torch.set_num_threads(int(os.environ["MATBENCH_DIM_NUM_THREADS"]))
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A selection that collects no test (pytest's exit code 5) is not a failure."""
-    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
-        session.exitstatus = pytest.ExitCode.OK
+SHARED_MARK = "shared_data"
+
+
+@pytest.fixture(autouse=True)
+def only_shipped_data(request, monkeypatch):
+    """Tests see only the samples shipped in the package, never ``../shared`` by accident.
+
+    ``$MATBENCH_DIM_SHARED_DATA``, ``$MATMINER_DATA`` and the checkout's ``../shared/data``
+    are hidden from the data search path, except for tests marked
+    ``@pytest.mark.shared_data(<files>)``, which get them (through ``shared_data_dir``).
+    """
+    if request.node.get_closest_marker(SHARED_MARK) is not None:
+        return
+    from matbench_dim.data import sources
+
+    monkeypatch.delenv(sources.SHARED_DATA_ENV, raising=False)
+    monkeypatch.delenv(sources.MATMINER_DATA_ENV, raising=False)
+    monkeypatch.setattr(sources, "REPO_SHARED_DATA", None)
 
 
 def embedded_dataset_path(name: str) -> Path:
@@ -61,16 +75,26 @@ def real_targets(jdft2d_df, real_structures):
     return [by_id[id(s)] for s in real_structures]
 
 
-@pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """``../shared/data`` (or ``$MATBENCH_DIM_SHARED_DATA``); skips the test when absent."""
+def _shared_root() -> Path | None:
     env = os.environ.get("MATBENCH_DIM_SHARED_DATA")
     candidates = [Path(env)] if env else []
     candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for c in candidates:
-        if (c / "README.md").exists():
-            return c
-    pytest.skip("the full data files (../shared/data) are not present on this machine")
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+@pytest.fixture
+def shared_data_dir(request) -> Path:
+    """``../shared/data`` (or ``$MATBENCH_DIM_SHARED_DATA``) for a test marked
+    ``@pytest.mark.shared_data("file", ...)``; skips when any named file is absent (a partial
+    ``../shared`` skips, it does not fail)."""
+    mark = request.node.get_closest_marker(SHARED_MARK)
+    if mark is None:
+        raise pytest.UsageError("shared_data_dir needs @pytest.mark.shared_data(<files>)")
+    root = _shared_root()
+    missing = [f for f in mark.args if root is None or not (root / f).is_file()]
+    if missing:
+        pytest.skip(f"full data files not on this machine: {', '.join(missing)}")
+    return root
 
 
 @pytest.fixture(scope="session")

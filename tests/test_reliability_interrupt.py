@@ -133,7 +133,7 @@ def kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 240) ->
 # ------------------------------------------------------------------------------ kill -9
 
 
-@pytest.mark.slow
+# Not slow on purpose: CI must run one real kill -9 -> resume (about 30 s here).
 def test_kill_9_during_pretraining_then_the_same_command_resumes(real_structures, tmp_path):
     structures = tmp_path / "structures.json"
     structures.write_text(json.dumps([s.as_dict() for s in real_structures[:20]]))
@@ -274,14 +274,27 @@ def test_check_writable_when_writing_is_refused(tmp_path, monkeypatch):
     assert err.value.errno == errno.EACCES
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500")
-def test_check_writable_read_only_folder(tmp_path):
+def test_check_writable_read_only_folder(tmp_path, monkeypatch):
+    """A read-only folder: chmod 0o500 for a normal user; root writes through that, so there
+    the filesystem's answer (EROFS on the probe) is simulated instead of skipping."""
+    import builtins
+
     folder = tmp_path / "ro"
     folder.mkdir()
+    if os.geteuid() == 0:
+        real_open = builtins.open
+
+        def read_only_open(file, mode="r", *args, **kwargs):
+            if str(file).startswith(str(folder)) and "w" in mode:
+                raise OSError(errno.EROFS, "Read-only file system", str(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", read_only_open)
     folder.chmod(0o500)
     try:
-        with pytest.raises(PermissionError, match=rf"output folder {folder} is not usable"):
+        with pytest.raises(OSError, match=rf"output folder {folder} is not usable") as err:
             check_writable(folder)
+        assert err.value.errno in (errno.EACCES, errno.EROFS)
     finally:
         folder.chmod(0o700)
 

@@ -480,6 +480,7 @@ def test_cif_csv_problems_are_listed(cif_folder, tmp_path, real_structures, capl
 # ------------------------------------------------------------------ the full shared files
 
 
+@pytest.mark.shared_data("matbench_jdft2d.json.gz")
 def test_full_jdft2d_via_matbench_gives_official_dummy_maes(shared_data_dir):
     task = load_matbench_task("matbench_jdft2d", data_home=shared_data_dir)
     assert Path(task.provenance["path"]).parent == shared_data_dir
@@ -489,6 +490,7 @@ def test_full_jdft2d_via_matbench_gives_official_dummy_maes(shared_data_dir):
         assert mae == pytest.approx(OFFICIAL_DUMMY_MAE_JDFT2D[f], abs=1e-4)
 
 
+@pytest.mark.shared_data("subsets/matbench_perovskites_partial.json.gz")
 def test_full_perovskite_subset_folds_are_official_and_cover_it(shared_data_dir):
     task = load_task("perovskites_subset", data_home=shared_data_dir)
     assert len(task) == 11742
@@ -499,6 +501,7 @@ def test_full_perovskite_subset_folds_are_official_and_cover_it(shared_data_dir)
         assert set(task.test_ids(f)) == set(splits[key]["test"]) & ids
 
 
+@pytest.mark.shared_data("flla.json.gz", "jarvis_dft_2d.json.gz")
 def test_full_flla_and_jarvis(shared_data_dir):
     flla = load_task("flla", data_home=shared_data_dir)
     assert len(flla) == 3938
@@ -514,6 +517,12 @@ def test_full_flla_and_jarvis(shared_data_dir):
 
 
 @pytest.mark.slow  # re-reads four full files (~10-20 s)
+@pytest.mark.shared_data(
+    "subsets/matbench_perovskites_partial.json.gz",
+    "flla.json.gz",
+    "jarvis_dft_2d.json.gz",
+    "matbench_phonons.json.gz",
+)
 def test_make_samples_reproduces_the_shipped_bytes(shared_data_dir, tmp_path):
     from matbench_dim.data import make_samples
 

@@ -142,6 +142,7 @@ def test_pure_translation_detection_matches_a_direct_check(real_structures):
     assert got[len(real_structures) :].all()
 
 
+@pytest.mark.shared_data("matbench_phonons.json.gz")
 def test_primitive_cells_of_shared_phonons_match_pymatgen(shared_data_dir):
     """Real phonon structures: spglib-reduced cells have pymatgen's primitive size."""
     from matminer.utils.io import load_dataframe_from_json

@@ -16,11 +16,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
-
-from matbench_dim.tracking.tracker import setup_tracking  # noqa: E402
+from matbench_dim.tracking.tracker import setup_tracking
 
 STARTUP_TIMEOUT_S = 120.0
 

@@ -17,17 +17,16 @@ import textwrap
 from importlib import resources
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
-
-from matbench_dim.tracking import tracker as tracking  # noqa: E402
-from matbench_dim.tracking.pyfunc import CifParseError, cif_frame, load_model, structures_from_cifs  # noqa: E402
-from matbench_dim.tracking.runs import MAX_PARAM_CHARS, MLflowCallback, flatten_params, git_commit  # noqa: E402
-from matbench_dim.tracking.store import default_store, resolve_tracking_uri  # noqa: E402
-from matbench_dim.tracking.tracker import (  # noqa: E402
+from matbench_dim.tracking import tracker as tracking
+from matbench_dim.tracking.pyfunc import CifParseError, cif_frame, load_model, structures_from_cifs
+from matbench_dim.tracking.runs import MAX_PARAM_CHARS, MLflowCallback, flatten_params, git_commit
+from matbench_dim.tracking.store import default_store, resolve_tracking_uri
+from matbench_dim.tracking.tracker import (
     TAG_HOST,
     TAG_PARENT,
     TAG_PID,
@@ -37,7 +36,7 @@ from matbench_dim.tracking.tracker import (  # noqa: E402
     download_encoder,
     setup_tracking,
 )
-from matbench_dim.training.callbacks import Callback  # noqa: E402
+from matbench_dim.training.callbacks import Callback
 
 TINY = {
     "device": "cpu",

@@ -624,7 +624,6 @@ def test_tune_resumes_exports_and_never_touches_test_data(
 
 def test_real_sitenet_study_reuses_pretraining(task: Any, tmp_path: Path) -> None:
     """A small real study with SiteNetDIMRegressor: DIM pretraining once, fine-tunes vary."""
-    pytest.importorskip("matbench_dim.estimator")
     study = tune(
         task,
         12,
