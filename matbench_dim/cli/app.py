@@ -190,6 +190,8 @@ def run(
         pd.DataFrame(frame).to_csv(pred_path, index=False)
         mlrun.log_file(pred_path)
         mlrun.log_dir(model_dir, "estimator")
+        if mlrun.enabled:
+            mlrun.log_pyfunc_model(est, list(x_test.iloc[:2]), output_name=t.target_name)
         if pool is not None:
             est.save_encoder(out / "encoder")
             mlrun.log_dir(out / "encoder", "encoder")
@@ -206,9 +208,13 @@ def run(
             path = save_benchmark(mb, out / "results.json.gz")
             mlrun.log_file(path, "matbench")
             lines.append(f"matbench results: {path}")
-    lines += [f"predictions: {pred_path}", f"model: {model_dir}"]
+    lines += [
+        f"predictions: {pred_path}",
+        f"estimator folder (SiteNetDIMRegressor.load): {model_dir}",
+    ]
     if mlrun.run_id is not None:
         lines.append(f"MLflow run {mlrun.run_id} in {tracker.tracking_uri}")
+        lines.append(f"MLflow model (CIF in, prediction out): runs:/{mlrun.run_id}/model")
         if pool is not None:
             lines.append(f"reuse the encoder with --encoder-from runs:/{mlrun.run_id}/encoder")
     lines.append(f"wall time {time.perf_counter() - t0:.0f} s")
@@ -384,7 +390,7 @@ def fit(
             mlrun.log_pyfunc_model(est, list(t.structures.iloc[:2]), output_name=target_column)
     history = est.history_["finetune"]
     best = history[est.best_epoch_] if 0 <= est.best_epoch_ < len(history) else {}
-    lines = [f"model: {path}"]
+    lines = [f"estimator folder (SiteNetDIMRegressor.load, or predict --model): {path}"]
     if "val_mae" in best:
         lines.insert(0, f"best validation MAE {best['val_mae']:.4g} (epoch {est.best_epoch_})")
     if mlrun.run_id is not None:

@@ -186,7 +186,7 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
     run = client.get_run(fine_tune)
     assert run.data.params["encoder_from"] == f"runs:/{run_id}/encoder"
     assert run.data.tags["method"] == "dim"
-    assert {a.path for a in client.list_artifacts(fine_tune)} >= {"estimator", "matbench"}
+    assert {a.path for a in client.list_artifacts(fine_tune)} >= {"estimator", "matbench", "model"}
 
 
 # --------------------------------------------------------------------------- fit / predict
