@@ -7,10 +7,11 @@ What matbench 0.6 does and what these wrappers do instead:
   an error and keeps the old values. :func:`record` always passes
   ``np.asarray(predictions, dtype=float)`` (1-D, finite, one per test entry) and raises
   :class:`AlreadyRecordedError` unless ``overwrite=True``.
-- ``to_file`` writes plain JSON whatever the suffix, non-atomically; ``from_file`` cannot
-  read a real gzip. :func:`save_benchmark` writes real gzip for ``*.gz`` (plain JSON
-  otherwise, which ``MatbenchBenchmark.from_file`` reads) through a temporary file and
-  ``os.replace``; :func:`load_benchmark` reads both.
+- ``to_file`` writes plain JSON whatever the suffix (``results.json.gz`` included),
+  non-atomically, and ``from_file`` reads only that. :func:`save_benchmark` writes the same
+  plain JSON (so matbench's own ``MatbenchBenchmark.from_file`` reads every file we write),
+  through a temporary file and ``os.replace``; :func:`load_benchmark` reads it and also real
+  gzip (files written by earlier versions of this package, or by other tools).
 - ``from_dict`` refuses a benchmark whose folds are not all recorded, so an interrupted
   run could not be resumed. :func:`load_benchmark` verifies the hash and the recorded
   folds itself for such a file and hands full ones to matbench's own ``from_dict``.
@@ -263,15 +264,14 @@ def record(task: Any, *args: Any, params: Any = None, overwrite: bool = False) -
 
 
 def save_benchmark(mb: MatbenchBenchmark, path: str | os.PathLike[str]) -> Path:
-    """Write ``mb`` atomically: real gzip when ``path`` ends in ``.gz``, else plain JSON.
+    """Write ``mb`` atomically, in the format matbench 0.6's ``to_file`` writes.
 
-    The JSON is exactly what ``MatbenchBenchmark.to_file`` writes (``as_dict``, with its
-    hash); it goes to a temporary file in the same folder, then ``os.replace``.
+    That is plain JSON of ``as_dict()`` (with its hash) whatever the suffix, so
+    ``MatbenchBenchmark.from_file(path)`` reads it, ``results.json.gz`` included. It goes to
+    a temporary file in the same folder, then ``os.replace``.
     """
     path = Path(path)
     data = json.dumps(mb.as_dict()).encode("utf-8")
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, mtime=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
