@@ -398,6 +398,31 @@ def test_bad_labels_for_a_task_name_the_entries(good_structures):
     assert np.isfinite(kept.targets.to_numpy()).all()
 
 
+def test_a_csv_with_several_kinds_of_label_errors_reports_them_all_at_once(
+    good_structures, tmp_path
+):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    names = [f"c{i}" for i in range(5)]
+    for s, name in zip(good_structures[:5], names, strict=True):
+        (folder / f"{name}.cif").write_text(s.to(fmt="cif"))
+    labels = pd.DataFrame({"file": [f"{n}.cif" for n in names]})
+    labels["target"] = ["1.0", "abc", "inf", "", "2.0"]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(ValueError) as err:
+        load_cif_dataset(folder, tmp_path / "labels.csv", n_splits=None)
+    msg = str(err.value)
+    assert "non-numeric targets for ids 'c1'" in msg
+    assert "infinite targets for ids 'c2'" in msg
+    assert "missing (NaN/empty) targets for ids 'c3'" in msg
+    with pytest.raises(ValueError, match="non-numeric") as err:  # whatever missing_target says
+        load_cif_dataset(
+            folder, tmp_path / "labels.csv", n_splits=None, missing_target="unlabelled"
+        )
+    assert "infinite" in str(err.value)
+    assert "missing" not in str(err.value)  # empty targets are allowed then
+
+
 def test_n_larger_than_the_labelled_training_fold_fails_before_any_work(good_structures, tmp_path):
     structures = good_structures * 2  # 16 entries, 12 labelled, 4 unlabelled
     y = [float(i) if i < 12 else np.nan for i in range(16)]

@@ -267,7 +267,7 @@ def pretrain(
         X = pretraining_structures(t, fold, max_train_structures)
         source, experiment = f"{t.name} fold {fold}", task_experiment(t.name)
     else:
-        X = read_cifs(cifs)
+        X, _ = read_cifs(cifs)
         source, experiment = str(cifs), DEFAULT_EXPERIMENT
     resuming = ckpt.exists()
     typer.echo(
@@ -320,6 +320,13 @@ def fit(
         typer.Option(help="CSV with columns file and the target (default: inside --cifs)."),
     ] = None,
     target_column: Annotated[str, typer.Option(help="Target column of the CSV.")] = "target",
+    missing_target: Annotated[
+        str,
+        typer.Option(
+            help="A CSV row with an empty target: raise (an error listing them), or "
+            "unlabelled (keep the structure for DIM pretraining only)."
+        ),
+    ] = "raise",
     unlabelled: Annotated[
         Path | None, typer.Option(help="Extra unlabelled CIFs for DIM pretraining.")
     ] = None,
@@ -352,16 +359,24 @@ def fit(
         "verbose": 1,
         **parse_params(param),
     }
+    if missing_target not in ("raise", "unlabelled"):
+        raise UserError(f"--missing-target must be raise or unlabelled, got {missing_target!r}")
     est = make_estimator(params)
-    check_writable(out)
     if csv is not None:
         existing(csv, "CSV file")
-    t = load_cif_dataset(existing(cifs, "CIF folder or zip"), csv, target_column, n_splits=None)
+    t = load_cif_dataset(
+        existing(cifs, "CIF folder or zip"),
+        csv,
+        target_column,
+        n_splits=None,
+        missing_target=missing_target,  # type: ignore[arg-type]
+    )
+    check_writable(out)  # after the input checks: a refused command leaves no folder behind
     if t.targets is None:
         raise UserError(f"no targets for {cifs}: pass --csv with columns file and {target_column}")
     extra = [] if t.unlabelled_pool is None else [t.unlabelled_pool]
     if unlabelled is not None:
-        extra.append(read_cifs(unlabelled))
+        extra.append(read_cifs(unlabelled)[0])
     pool = None
     if encoder_from is not None:
         est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
@@ -406,21 +421,44 @@ def predict(
     out: Annotated[Path, typer.Option(help="CSV to write (columns id, prediction).")] = Path(
         "predictions.csv"
     ),
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            help="Skip unreadable CIFs and structures Site-Net cannot take; list them, with "
+            "the reason, in OUT's <name>.skipped.csv."
+        ),
+    ] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Predict the property of every CIF in a folder or zip with a fitted model."""
     import pandas as pd
 
     from matbench_dim.estimator import SiteNetDIMRegressor
+    from matbench_dim.features.featurize import FeaturizationError
     from matbench_dim.tracking.tracker import download_artifact_dir
 
+    check_writable(out.parent)
+    X, skipped = read_cifs(cifs, skip_bad=skip_bad)
     folder = download_artifact_dir(model, None, tracking_uri, what="model folder")
     est = SiteNetDIMRegressor.load(folder)
-    check_writable(out.parent)
-    X = read_cifs(cifs)
-    pred = est.predict(X)
+    try:
+        pred = est.predict(X)
+    except FeaturizationError as exc:
+        if not skip_bad:
+            raise UserError(f"{exc}\n(--skip-bad predicts the others)") from exc
+        skipped.update({f"{i}.cif": reason for i, reason in exc.failures.items()})
+        X = X.drop(index=list(exc.failures))
+        if X.empty:
+            raise UserError(f"{cifs}: Site-Net can take none of its structures") from exc
+        pred = est.predict(X)
     pd.DataFrame({"id": X.index, "prediction": pred}).to_csv(out, index=False)
-    echo_lines([f"{len(pred)} predictions: {out}"])
+    lines = [f"{len(pred)} predictions: {out}"]
+    if skip_bad:
+        listed = out.with_name(f"{out.stem}.skipped.csv")
+        frame = pd.DataFrame({"file": list(skipped), "reason": list(skipped.values())})
+        frame.to_csv(listed, index=False)
+        lines.append(f"{len(skipped)} skipped (file, reason): {listed}")
+    echo_lines(lines)
 
 
 @app.command()

@@ -178,27 +178,38 @@ def existing(path: Path, what: str) -> Path:
     return path
 
 
-def read_cifs(path: Path) -> Any:
-    """Structures of every CIF in a folder or zip, as a Series indexed by file stem."""
+def read_cifs(path: Path, skip_bad: bool | None = None) -> tuple[Any, dict[str, str]]:
+    """Structures of every CIF in a folder or zip, as a Series indexed by file stem, and the
+    files left out (``{file: reason}``; empty unless ``skip_bad``).
+
+    Unreadable files raise one :class:`UserError` listing each of them (the message ``fit``
+    gives too), unless ``skip_bad``: then they are skipped and returned with their reasons.
+    ``skip_bad=False`` (a command that has ``--skip-bad``) adds a hint to the message.
+    """
     import pandas as pd
 
-    from matbench_dim.data.cif import CifError, parse_cif, read_members
+    from matbench_dim.data.cif import CifError, parse_cif, read_members, unreadable_message
 
     cifs, _, _ = read_members(existing(path, "CIF folder or zip"))
     if not cifs:
         raise UserError(f"{path} holds no .cif files")
-    structures, errors = {}, []
+    structures, errors, skipped = {}, [], {}
     for member, data in cifs.items():
         stem = PurePosixPath(member).name[:-4]
         if stem in structures:
             raise UserError(f"{path}: two CIF files named {stem}.cif")
+        label = f"{path}/{member}"
         try:
-            structures[stem] = parse_cif(data.decode("utf-8", errors="replace"), f"{path}/{member}")
+            structures[stem] = parse_cif(data.decode("utf-8", errors="replace"), label)
         except CifError as exc:
             errors.append(str(exc))
-    if errors:
-        raise UserError(f"{len(errors)} unreadable CIF file(s), e.g. {errors[0]}")
-    return pd.Series(structures, dtype=object)
+            skipped[member] = str(exc).removeprefix(f"{label}: ")
+    if errors and not skip_bad:
+        hint = "\n(--skip-bad predicts the others)" if skip_bad is False else ""
+        raise UserError(unreadable_message(errors) + hint)
+    if not structures:
+        raise UserError(f"{path}: none of its {len(cifs)} CIF files is readable")
+    return pd.Series(structures, dtype=object), skipped
 
 
 def load_task_quietly(name: str, target: str | None = None, data_home: Path | None = None) -> Any:

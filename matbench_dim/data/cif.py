@@ -46,6 +46,15 @@ class CifError(ValueError):
     """One or more CIF files could not be read; the message lists each file and why."""
 
 
+def unreadable_message(errors: list[str], limit: int = 20) -> str:
+    """The one message for unreadable CIFs (``fit``, ``predict`` and the loaders share it):
+    a count, then one line per file (``<file>: <reason>``), the first ``limit`` shown."""
+    shown = "\n  ".join(errors[:limit]) + (
+        f"\n  ... (+{len(errors) - limit} more)" if len(errors) > limit else ""
+    )
+    return f"{len(errors)} unreadable CIF file(s):\n  {shown}"
+
+
 def _is_junk(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
@@ -251,10 +260,7 @@ def load_cif_dataset(
         except CifError as exc:
             errors.append(str(exc))
     if errors:
-        shown = "\n  ".join(errors[:20]) + (
-            f"\n  ... (+{len(errors) - 20} more)" if len(errors) > 20 else ""
-        )
-        raise CifError(f"{len(errors)} unreadable CIF file(s):\n  {shown}")
+        raise CifError(unreadable_message(errors))
 
     pool = (
         pd.Series([parsed[i] for i in extra], index=extra, dtype=object, name="structure")

@@ -314,18 +314,22 @@ def validate_targets(
     )
     numeric = pd.to_numeric(raw.where(~missing_mask), errors="coerce")
     non_numeric = ~missing_mask & numeric.isna().to_numpy()
-    if non_numeric.any():
-        bad = [f"{i!r} ({raw[i]!r})" for i in raw.index[non_numeric]]
-        raise ValueError(f"non-numeric targets for ids {format_ids(bad, quote=False)}")
     y = numeric.to_numpy(dtype=float)
     inf = np.isinf(y)
+    problems = []  # every kind of error at once, so one fix of the file settles them all
+    if non_numeric.any():
+        bad = [f"{i!r} ({raw[i]!r})" for i in raw.index[non_numeric]]
+        problems.append(f"non-numeric targets for ids {format_ids(bad, quote=False)}")
     if inf.any():
-        raise ValueError(f"infinite targets for ids {format_ids(raw.index[inf])}")
+        problems.append(f"infinite targets for ids {format_ids(raw.index[inf])}")
     if missing_mask.any() and missing == "raise":
-        raise ValueError(
+        problems.append(
             f"missing (NaN/empty) targets for ids {format_ids(raw.index[missing_mask])}; drop them "
-            "or pass missing_target='unlabelled' to keep them for pretraining only"
+            "or pass missing_target='unlabelled' (CLI: --missing-target unlabelled) to keep them "
+            "for pretraining only"
         )
+    if problems:
+        raise ValueError("; ".join(problems))
     return y, ~missing_mask
 
 

@@ -166,26 +166,32 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit(path: str | Path | None = None) -> tuple[str, bool] | None:
-    """``(commit, dirty)`` of the git checkout that holds matbench_dim, or ``None``.
+    """``(commit, dirty)`` of the source this package came from, or ``None`` when unknown.
 
-    ``None`` when the package is not inside a git work tree of its own (an installed wheel,
-    no ``git`` binary): the package folder's parent must be the repository's top level.
+    A package imported from its git checkout (``pip install -e``, ``PYTHONPATH``) asks git;
+    an installed package reads ``matbench_dim/_build.json``, written by ``setup.py`` when
+    the sdist or wheel was built from a checkout (tox installs from an sdist). ``path`` is
+    the package folder (default: this installed ``matbench_dim``).
     """
-    pkg = Path(path) if path is not None else Path(__file__).resolve().parent
+    pkg = Path(path) if path is not None else Path(__file__).resolve().parents[1]
     try:
         top = subprocess.run(
             ["git", "-C", str(pkg), "rev-parse", "--show-toplevel", "HEAD"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.split()  # fmt: skip
-        if len(top) != 2 or Path(top[0]).resolve() != pkg.parent.resolve():
-            return None
-        status = subprocess.run(
-            ["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
+        if len(top) == 2 and Path(top[0]).resolve() == pkg.parent.resolve():
+            status = subprocess.run(
+                ["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout  # fmt: skip
+            return top[1], bool(status.strip())
     except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info = json.loads((pkg / "_build.json").read_text(encoding="utf-8"))
+        return str(info["git_commit"]), bool(info["git_dirty"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return top[1], bool(status.strip())
 
 
 # --------------------------------------------------------------------------- the callback
@@ -379,6 +385,8 @@ class TrackedRun:
         if commit is not None:
             params["git.commit"], params["git.dirty"] = commit
             self.set_tags({"mlflow.source.git.commit": commit[0]})
+        else:
+            params["git.commit"] = "unknown"
         self.log_params(params)
 
     def log_provenance(

@@ -186,7 +186,11 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
     run = client.get_run(fine_tune)
     assert run.data.params["encoder_from"] == f"runs:/{run_id}/encoder"
     assert run.data.tags["method"] == "dim"
-    assert {a.path for a in client.list_artifacts(fine_tune)} >= {"estimator", "matbench", "model"}
+    assert {a.path for a in client.list_artifacts(fine_tune)} >= {"estimator", "matbench"}
+    from matbench_dim.tracking.pyfunc import load_model  # MLflow 3 keeps models apart from runs
+
+    assert _line(result.stdout, "MLflow model").endswith(f"runs:/{fine_tune}/model")
+    assert load_model(f"runs:/{fine_tune}/model", tracking_uri=store) is not None
 
 
 # --------------------------------------------------------------------------- fit / predict
@@ -237,6 +241,53 @@ def test_fit_and_predict_on_cifs(tmp_path, real_structures, real_targets):
     (tmp_path / "broken" / "bad.cif").write_text("data_bad\n_cell_length_a 3\n")
     result = invoke("predict", "--model", model, "--cifs", tmp_path / "broken", code=2)
     assert "bad.cif" in result.stderr
+
+
+def test_fit_keeps_rows_with_an_empty_target_as_unlabelled_when_asked(tmp_path, real_structures):
+    names = [f"c{i}" for i in range(10)]
+    _write_cifs(tmp_path / "cifs", real_structures[:10], names)
+    targets = [1.0, 2.0, "", 3.0, 4.0, 5.0, "", 6.0, 7.0, 8.0]
+    labels = pd.DataFrame({"file": [f"{n}.cif" for n in names], "target": targets})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    args = ["fit", "--cifs", tmp_path / "cifs", "--csv", tmp_path / "labels.csv", "--no-tracking"]
+    args += ["--pretrain-epochs", 1, "--finetune-epochs", 2, *TINY]
+    refused = invoke(*args, "--out", "m0", code=2)
+    assert "missing (NaN/empty) targets for ids 'c2', 'c6'" in refused.stderr
+    assert "--missing-target unlabelled" in refused.stderr
+    assert not (tmp_path / "m0").exists()  # a refused command leaves no output folder
+    result = invoke(*args, "--out", "m1", "--missing-target", "unlabelled")
+    assert "fitting on 8 labelled structures after DIM pretraining on 10" in result.output
+
+
+def test_predict_skip_bad_predicts_the_rest_and_lists_what_it_left_out(tmp_path, real_structures):
+    from tiny_settings import TINY as TINY_KW
+
+    from matbench_dim.estimator import SiteNetDIMRegressor
+
+    est = SiteNetDIMRegressor(**{**TINY_KW, "pretrain__epochs": 1, "finetune__epochs": 2})
+    est.fit(real_structures[:8], np.arange(8.0), X_unlabeled=None)
+    est.save(tmp_path / "model")
+    good = ["ok_a", "ok_b", "ok_c"]
+    _write_cifs(tmp_path / "mixed", real_structures[8:11], good)
+    (tmp_path / "mixed" / "bad.cif").write_text("data_bad\n_cell_length_a 3\n")
+    disordered = real_structures[11].copy()
+    disordered.replace(0, {"Fe": 0.5, "Co": 0.5})
+    (tmp_path / "mixed" / "alloy.cif").write_text(disordered.to(fmt="cif"))
+    args = ["predict", "--model", tmp_path / "model", "--cifs", tmp_path / "mixed"]
+
+    refused = invoke(*args, "--out", "all.csv", code=2)
+    assert "1 unreadable CIF file(s)" in refused.stderr  # the message fit gives, too
+    assert "bad.cif" in refused.stderr
+    assert "--skip-bad" in refused.stderr
+    assert not (tmp_path / "all.csv").exists()
+
+    result = invoke(*args, "--out", "some.csv", "--skip-bad")
+    preds = pd.read_csv(tmp_path / "some.csv")
+    assert sorted(preds["id"]) == good
+    skipped = pd.read_csv(tmp_path / "some.skipped.csv")
+    assert sorted(skipped["file"]) == ["alloy.cif", "bad.cif"]
+    assert skipped["reason"].str.len().min() > 10  # a reason, not a placeholder
+    assert "2 skipped" in result.output
 
 
 # --------------------------------------------------------------------------- bench / report

@@ -380,8 +380,8 @@ def test_fit_records_params_metrics_and_tags(fitted_run):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["version.mlflow"] == mlflow.__version__
     assert "version.torch" in parent.data.params
-    if git_commit() is not None:
-        assert len(parent.data.params["git.commit"]) == 40
+    commit = git_commit()
+    assert parent.data.params["git.commit"] == (commit[0] if commit else "unknown")
     checked = [("finetune", "val_loss"), ("finetune", "train_loss"), ("pretrain", "train_dim_loss")]
     for stage, key in checked:
         history = sorted(
@@ -517,3 +517,22 @@ def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-500:] for _, e in outs]
     assert len({o.strip() for o, _ in outs}) == 1
+
+
+def test_git_commit_comes_from_the_checkout_or_the_build_record(tmp_path):
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    if len(head) == 40:  # tests run from a checkout: the package was built from (or is) it
+        assert git_commit() is not None
+        assert git_commit()[0] == head
+    installed = tmp_path / "site" / "matbench_dim"  # an installed copy: no .git above it
+    installed.mkdir(parents=True)
+    assert git_commit(installed) is None
+    (installed / "_build.json").write_text('{"git_commit": "' + "a" * 40 + '", "git_dirty": true}')
+    assert git_commit(installed) == ("a" * 40, True)
+    (installed / "_build.json").write_text("{torn")
+    assert git_commit(installed) is None
