@@ -8,8 +8,9 @@ the shared docs): two stages trained together, each with its own optimiser.
   features and distance), weighted by ``(d_ij + 1)^-2`` normalised over ``j``. Negatives
   borrow the pair row of a site of another crystal (the batch rolled by half its crystals):
   the whole row, own species with borrowed distances, borrowed species with own distances.
-- **Global stage** (:class:`GlobalDIMLoss`) on detached local vectors: a critic scores the
-  crystal vector ``G`` against each of the crystal's ``z_i``. Negatives are the other
+- **Global stage** (:class:`GlobalDIMLoss`) on the detached local *means* (never the
+  reparametrised samples, which only the local critic sees): a critic scores the crystal
+  vector ``G`` against each of the crystal's ``z_i``. Negatives are the other
   crystals' ``G`` and, with ``extra_false_samples``, three engineered false local vectors
   paired with the crystal's own ``G`` (:func:`engineered_false_locals`).
 - A Gaussian KL penalty on each stage's reparametrised representation
@@ -236,7 +237,7 @@ class GlobalDIMLoss(_DotCritic):
         g
             ``(B, global_dim)`` crystal vectors.
         z
-            ``(B, P, local_dim)`` local vectors (detached by the caller in pretraining).
+            ``(B, P, local_dim)`` local vectors: in pretraining, the detached local means.
         site_mask
             ``(B, P)`` bool.
         false_locals
@@ -561,7 +562,9 @@ class DIMObjective(nn.Module):
             if cfg.extra_false_samples
             else []
         )
-        glob = self.global_loss(out.global_, out.local.detach(), mask, false_locals)
+        # the global critic's local side: detached means, like the global encoder's input and
+        # the engineered false locals (the sample out.local is for the local critic only)
+        glob = self.global_loss(out.global_, out.local_mu.detach(), mask, false_locals)
         kl_global = self.kl(out.global_mu, out.global_logvar)
         prior = self.prior(out.global_, generator) if cfg.weight_prior > 0 else kl_global * 0
         probes = self.probes(out, batch.site_features, targets)

@@ -378,8 +378,10 @@ class EncoderOutput(NamedTuple):
 
     local: Tensor
     """``(B, P, local_dim)`` local vectors (a reparametrised sample when sampling), 0 on
-    padding; ``local[site_mask]`` gives them in the row order of :class:`PairInputs`."""
+    padding; ``local[site_mask]`` gives them in the row order of :class:`PairInputs`. Only
+    the local critic sees the sample; the global encoder pools ``local_mu``."""
     local_mu: Tensor
+    """``(B, P, local_dim)`` local means (what the global encoder and critic see)."""
     local_logvar: Tensor
     global_: Tensor
     """``(B, global_dim)`` crystal vectors (a sample when sampling)."""
@@ -399,9 +401,11 @@ def reparametrise(mu: Tensor, logvar: Tensor, generator: torch.Generator | None)
 class SiteNetEncoder(nn.Module):
     """Site-Net encoder: local (per-site) vectors and a global (per-crystal) vector.
 
-    With ``detach_local=True`` (DIM pretraining) the global encoder sees detached local
-    vectors, so the global stage never trains the local encoder; fine-tuning uses
-    ``detach_local=False`` so the whole network learns.
+    The global encoder pools the local *means* whether or not the local stage samples (as
+    in the seed's code: the reparametrised local sample exists only for the local critic).
+    With ``detach_local=True`` (DIM pretraining) it sees detached means, so the global stage
+    never trains the local encoder; fine-tuning uses ``detach_local=False`` so the whole
+    network learns. See ``docs/dim-stage-inputs.md``.
     """
 
     def __init__(self, cfg: EncoderConfig | None = None) -> None:
@@ -426,7 +430,9 @@ class SiteNetEncoder(nn.Module):
         batch
             Padded batch of crystals.
         sample
-            Draw reparametrised samples (pretraining) instead of returning the means.
+            Draw reparametrised samples (pretraining): ``local`` is the local sample (for the
+            local critic) and ``global_`` the global one; ``G`` is computed from the local
+            means either way.
         detach_local
             Stop gradients between the local and global stages.
         generator
@@ -446,7 +452,9 @@ class SiteNetEncoder(nn.Module):
         mu = to_padded(mu_rows, site_mask)
         logvar = to_padded(logvar_rows, site_mask)
         z = reparametrise(mu, logvar, generator) * site_mask[..., None] if sample else mu
-        g_mu, g_logvar = self.global_(z.detach() if detach_local else z, site_mask)
+        # the global encoder always pools the local *means* (the seed's wiring): the sample z
+        # is only for the local critic, so G never learns from, or on, the local noise
+        g_mu, g_logvar = self.global_(mu.detach() if detach_local else mu, site_mask)
         g = reparametrise(g_mu, g_logvar, generator) if sample else g_mu
         return EncoderOutput(z, mu, logvar, g, g_mu, g_logvar, site_mask, pairs)
 

@@ -42,11 +42,16 @@ def run(records, epochs, **kw):
 
 
 def test_jsd_bound_increases_and_discriminator_learns(records):
-    res = run(records, 8)
+    # 25 epochs: with the local means fed to the global stage (the seed's wiring) the global
+    # critic has no "noisy sample vs clean mean" shortcut, and on 64 crystals it needs about
+    # 15 epochs to leave chance (loss 2 ln 2); 8 epochs sufficed only with the shortcut
+    res = run(records, 25)
     first, last = res.history[0], res.history[-1]
     # the JSD bound is minus the loss: it must rise, and the critic must beat chance
     assert last["train_dim_global"] < first["train_dim_global"] - 0.05
-    assert last["train_acc_global"] > 0.6
+    assert last["val_dim_global"] < first["val_dim_global"] - 0.05
+    assert last["train_acc_global"] > 0.55
+    assert last["val_acc_global"] > 0.6
     assert last["train_dim_local"] < first["train_dim_local"]
     assert {"val_dim_loss", "val_acc_global", "train_probe_composition"} <= set(last)
 
