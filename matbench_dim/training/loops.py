@@ -76,7 +76,8 @@ class PretrainConfig:
     patience
         Epochs without improvement of the validation DIM loss before stopping (0: never).
     grad_clip
-        Maximum gradient norm (0: no clipping).
+        Maximum gradient norm of each stage (local, global, probes), clipped separately so
+        that no stage rescales another's step (0: no clipping).
     """
 
     epochs: int = 30
@@ -207,6 +208,18 @@ def _mean_logs(rows: list[dict[str, float]], weights: list[int], prefix: str) ->
 def _clip(params: Any, max_norm: float) -> None:
     if max_norm > 0:
         nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _clip_stages(optimizers: dict[str, torch.optim.Optimizer], max_norm: float) -> None:
+    """Clip the gradient norm of each optimiser's parameters on their own.
+
+    One norm over every stage would let one stage's gradients rescale another's step; in
+    particular the property probe's gradients (from labels) would rescale the encoder's DIM
+    steps. Each stage (local, global, probes) is clipped separately, so the DIM stages never
+    see the probes.
+    """
+    for opt in optimizers.values():
+        _clip([p for g in opt.param_groups for p in g["params"]], max_norm)
 
 
 @dataclass
@@ -410,7 +423,6 @@ def pretrain_dim(
         },
     )
     call_hook(cbs, "on_train_begin", "pretrain", state)
-    all_params = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
     val_batches = _batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
     skipped_single = 0
     bar = tqdm(range(start, cfg.epochs), desc="DIM pretraining", unit="epoch", disable=not progress)
@@ -434,7 +446,7 @@ def pretrain_dim(
                 for o in optimizers.values():
                     o.zero_grad(set_to_none=True)
                 out["loss"].backward()
-                _clip(all_params, cfg.grad_clip)
+                _clip_stages(optimizers, cfg.grad_clip)
                 for o in optimizers.values():
                     o.step()
                 rows.append({k: float(v) for k, v in out.items() if k != "loss"})
