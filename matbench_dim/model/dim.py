@@ -25,9 +25,11 @@ positive against the negatives).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -101,10 +103,50 @@ def projection(n_in: int, hidden: int, n_out: int, activation: str = "mish") -> 
 
 
 class LossOutput(NamedTuple):
-    """A scalar loss and the critic's accuracy at telling positives from negatives."""
+    """A scalar loss and the critic's accuracy at telling positives from negatives.
+
+    ``parts`` holds the accuracy on the positives (``"pos"``) and on each kind of negative
+    (``"neg_<kind>"``) separately; ``accuracy`` is ``(pos + mean of the negatives) / 2``.
+    """
 
     loss: Tensor
     accuracy: Tensor
+    parts: dict[str, Tensor] | None = None
+
+
+LOCAL_NEGATIVES = ("neg_row", "neg_distances", "neg_species")
+"""Names of the local critic's negatives, in :func:`local_views` order: another site's whole
+pair row, own species at borrowed distances, borrowed species at own distances."""
+
+GLOBAL_FALSE_LOCALS = ("neg_composition", "neg_structure", "neg_permuted")
+"""Names of the engineered global negatives, in :func:`engineered_false_locals` order (the
+other-crystal negative is ``"neg_other"``)."""
+
+
+def _negative_names(names: tuple[str, ...], k: int) -> list[str]:
+    return list(names[:k]) if k <= len(names) else [f"neg_{i}" for i in range(k)]
+
+
+def participation_ratio(x: Any) -> float:
+    """Effective rank of a cloud of vectors: ``(sum l)^2 / sum l^2`` over the eigenvalues
+    ``l`` of their covariance (1 when all variance lies on one axis, ``d`` when it is
+    isotropic in ``d`` dimensions).
+
+    Computed without an eigendecomposition, as ``tr(C)^2 / ||C||_F^2``. ``x`` is ``(n, d)``
+    (array or tensor); NaN when ``n < 2`` or every vector is the same.
+    """
+    a = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else x
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"participation_ratio needs an (n, d) array, got shape {a.shape}")
+    if a.shape[0] < 2:
+        return math.nan
+    c = a - a.mean(0)
+    cov = c.T @ c / (a.shape[0] - 1)
+    frob2 = float((cov * cov).sum())
+    if not frob2 > 0:
+        return math.nan
+    return float(np.trace(cov) ** 2 / frob2)
 
 
 class PairView(NamedTuple):
@@ -202,17 +244,25 @@ class LocalDIMLoss(_DotCritic):
                 [(v.weights * (t < 0)).sum(-1) for v, t in zip(negatives, t_neg, strict=True)]
             )
             accuracy = per_crystal_mean_rows(0.5 * (acc_pos + acc_neg.mean(0)), row_crystal)
+            names = _negative_names(LOCAL_NEGATIVES, len(negatives))
+            parts = {"pos": per_crystal_mean_rows(acc_pos, row_crystal)}
+            parts.update(
+                {
+                    k: per_crystal_mean_rows(a, row_crystal)
+                    for k, a in zip(names, acc_neg, strict=True)
+                }
+            )
         if self.estimator == "jsd":
             pos = (positive.weights * F.softplus(-t_pos)).sum(-1)
             neg = torch.stack(
                 [(v.weights * F.softplus(t)).sum(-1) for v, t in zip(negatives, t_neg, strict=True)]
             ).mean(0)
-            return LossOutput(per_crystal_mean_rows(pos + neg, row_crystal), accuracy)
+            return LossOutput(per_crystal_mean_rows(pos + neg, row_crystal), accuracy, parts)
         s_pos = (positive.weights * t_pos).sum(-1)
         s_neg = [(v.weights * t).sum(-1) for v, t in zip(negatives, t_neg, strict=True)]
         logits = torch.stack([s_pos, *s_neg], dim=-1)
         nll = -torch.log_softmax(logits, dim=-1)[..., 0]
-        return LossOutput(per_crystal_mean_rows(nll, row_crystal), accuracy)
+        return LossOutput(per_crystal_mean_rows(nll, row_crystal), accuracy, parts)
 
 
 class GlobalDIMLoss(_DotCritic):
@@ -282,19 +332,24 @@ class GlobalDIMLoss(_DotCritic):
             loss = per_crystal_mean(nll.reshape(target.shape), site_mask)
         with torch.no_grad():
             accs = [per_crystal_mean((t_pos > 0).float(), site_mask)]
+            parts = {"pos": accs[0]}
             neg_accs = []
             if n > 1:
                 neg_accs.append(
                     per_crystal_mean(((all_scores < 0) & others).sum(0) / (n - 1), site_mask)
                 )
-            neg_accs += [
+                parts["neg_other"] = neg_accs[0]
+            false_accs = [
                 per_crystal_mean((t < 0).float(), m)
                 for t, (_, m) in zip(t_false, false_locals, strict=True)
             ]
+            names = _negative_names(GLOBAL_FALSE_LOCALS, len(false_accs))
+            parts.update(zip(names, false_accs, strict=True))
+            neg_accs += false_accs
             if neg_accs:
                 accs.append(torch.stack(neg_accs).mean())
             accuracy = torch.stack(accs).mean()
-        return LossOutput(loss, accuracy)
+        return LossOutput(loss, accuracy, parts)
 
 
 class GaussianKL(nn.Module):
@@ -548,7 +603,10 @@ class DIMObjective(nn.Module):
             ``loss`` (the sum to back-propagate: the stages are independent by construction,
             so one backward pass gives each optimiser its own stage's gradient),
             ``dim_local``, ``dim_global``, ``kl_local``, ``kl_global``, ``prior``,
-            ``acc_local``, ``acc_global`` and the probes' losses.
+            ``acc_local``, ``acc_global``, the critics' accuracy on the positives and on each
+            kind of negative (``acc_local_pos``, ``acc_local_neg_row``, ...,
+            ``acc_global_neg_permuted``; see :data:`LOCAL_NEGATIVES`,
+            :data:`GLOBAL_FALSE_LOCALS`) and the probes' losses.
         """
         cfg = self.cfg
         out = encoder(batch, sample=True, detach_local=True, generator=generator)
@@ -582,5 +640,7 @@ class DIMObjective(nn.Module):
             "prior": prior.detach(),
             "acc_local": local.accuracy.detach(),
             "acc_global": glob.accuracy.detach(),
+            **{f"acc_local_{k}": v.detach() for k, v in (local.parts or {}).items()},
+            **{f"acc_global_{k}": v.detach() for k, v in (glob.parts or {}).items()},
             **{k: v.detach() for k, v in probes.items()},
         }

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matbench_dim.features.featurize import CrystalRecord, batch_indices, collate
-from matbench_dim.model.dim import DIMConfig, DIMObjective
+from matbench_dim.model.dim import DIMConfig, DIMObjective, participation_ratio
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
 from matbench_dim.training.callbacks import Callback, StopTraining, TrainingState, call_hook
 
@@ -352,6 +352,17 @@ def pretrain_dim(
     PretrainResult
         The encoder with the weights of the epoch with the lowest validation DIM loss (the
         last epoch when there is no validation split).
+
+    Notes
+    -----
+    Label-free monitors in every epoch's logs (``val_`` on the held-out slice of the pool,
+    ``train_`` averaged over the epoch's batches): the critics' accuracy on the positives
+    and on each kind of negative (``*_acc_local_pos``, ``*_acc_local_neg_row``, ...,
+    ``*_acc_global_neg_permuted``) and, on the validation slice, the participation ratio
+    (effective rank) of the pooled local means and of the crystals' ``G``
+    (``val_pr_local``, ``val_pr_global``). ``ref_pr_local`` and ``ref_pr_global`` are the
+    same ratios for the freshly initialised (random) encoder, computed once before training
+    and repeated in every epoch's logs as the reference.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -372,6 +383,13 @@ def pretrain_dim(
         "probes": optimizer_cfg.make(objective.probe_parameters(), lr=1e-3),
     }
     train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, seed)
+    val_batches = _batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
+    # the random encoder's effective ranks, the reference of the label-free monitors (from
+    # the seeded initial weights, so a resumed run computes the same values)
+    reference = {
+        f"ref_{k}": v
+        for k, v in _representation_monitors(encoder, records, val_batches, device).items()
+    }
     targets = None
     if probe_targets is not None:
         targets = np.asarray(probe_targets, dtype=float)
@@ -420,10 +438,10 @@ def pretrain_dim(
             "objective": objective,
             "fingerprint": fingerprint,
             "best": best,
+            **reference,
         },
     )
     call_hook(cbs, "on_train_begin", "pretrain", state)
-    val_batches = _batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
     skipped_single = 0
     bar = tqdm(range(start, cfg.epochs), desc="DIM pretraining", unit="epoch", disable=not progress)
     try:
@@ -456,6 +474,9 @@ def pretrain_dim(
                 logs.update(
                     _evaluate_dim(encoder, objective, records, val_batches, targets, seed, device)
                 )
+                monitors = _representation_monitors(encoder, records, val_batches, device)
+                logs.update({f"val_{k}": v for k, v in monitors.items()})
+                logs.update(reference)
             if targets is not None:
                 for k in list(logs):
                     if k.endswith("probe_property_mae"):
@@ -503,7 +524,33 @@ def pretrain_dim(
         len(val_idx),
         time.perf_counter() - t0,
         resumed,
+        {"reference": reference},
     )
+
+
+def _representation_monitors(
+    encoder: SiteNetEncoder,
+    records: Sequence[CrystalRecord],
+    batches: list[np.ndarray],
+    device: torch.device,
+) -> dict[str, float]:
+    """Participation ratios of the local means (pooled over all sites) and of ``G`` (means,
+    no sampling) over the crystals of ``batches``; empty when there are none."""
+    if not batches:
+        return {}
+    was_training = encoder.training
+    encoder.eval()
+    local, glob = [], []
+    with torch.no_grad():
+        for b_idx in batches:
+            out = encoder(collate(records, b_idx).to(device))
+            local.append(out.local_mu[out.site_mask].cpu())
+            glob.append(out.global_mu.cpu())
+    encoder.train(was_training)
+    return {
+        "pr_local": participation_ratio(torch.cat(local)),
+        "pr_global": participation_ratio(torch.cat(glob)),
+    }
 
 
 def _evaluate_dim(

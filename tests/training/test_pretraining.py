@@ -83,6 +83,12 @@ def test_interrupted_pretraining_resumes_to_the_same_model(records, tmp_path):
         [h["train_dim_loss"] for h in resumed.history],
         rtol=1e-5,
     )
+    # every logged value, the label-free monitors and their random-encoder reference included
+    for a, b in zip(full.history, resumed.history, strict=True):
+        assert a.keys() == b.keys()
+        assert {"val_pr_local", "ref_pr_global", "val_acc_global_neg_other"} <= set(a)
+        keys = sorted(k for k in a if k != "epoch_time_s")
+        np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-5)
 
 
 def test_checkpoint_of_other_data_is_not_resumed(records, tmp_path):
