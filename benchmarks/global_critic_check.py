@@ -22,11 +22,16 @@ import time
 
 import torch
 
-from matbench_dim.data import load_task
-from matbench_dim.featurize import collate, featurize
+from matbench_dim.data.sources import load_task
+from matbench_dim.features.featurize import collate, featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
-from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim, split_train_val
+from matbench_dim.training.loops import (
+    OptimizerConfig,
+    PretrainConfig,
+    pretrain_dim,
+    split_train_val,
+)
 
 
 def main() -> None:

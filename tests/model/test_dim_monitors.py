@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_dim_losses import random_views
 
-from matbench_dim.featurize import collate, featurize
+from matbench_dim.features.featurize import collate, featurize
 from matbench_dim.model.dim import (
     GLOBAL_FALSE_LOCALS,
     LOCAL_NEGATIVES,
@@ -20,8 +20,13 @@ from matbench_dim.model.dim import (
     participation_ratio,
 )
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
-from matbench_dim.tracking import setup_tracking
-from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim, split_train_val
+from matbench_dim.tracking.tracker import setup_tracking
+from matbench_dim.training.loops import (
+    OptimizerConfig,
+    PretrainConfig,
+    pretrain_dim,
+    split_train_val,
+)
 
 ENC = EncoderConfig(
     site_dim=16,

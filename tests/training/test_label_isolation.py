@@ -14,10 +14,10 @@ import torch
 from tiny_settings import TINY
 
 from matbench_dim.estimator import SiteNetDIMRegressor
-from matbench_dim.featurize import featurize
+from matbench_dim.features.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
-from matbench_dim.training import OptimizerConfig, PretrainConfig, pretrain_dim
+from matbench_dim.training.loops import OptimizerConfig, PretrainConfig, pretrain_dim
 
 TINY_ENC = EncoderConfig(
     site_dim=16,
