@@ -535,7 +535,9 @@ def _representation_monitors(
     device: torch.device,
 ) -> dict[str, float]:
     """Participation ratios of the local means (pooled over all sites) and of ``G`` (means,
-    no sampling) over the crystals of ``batches``; empty when there are none."""
+    no sampling) over the crystals of ``batches``; empty when there are none. A ratio that
+    is undefined (fewer than two vectors, no spread: e.g. one validation crystal) is left
+    out, so every logged value is finite."""
     if not batches:
         return {}
     was_training = encoder.training
@@ -547,10 +549,11 @@ def _representation_monitors(
             local.append(out.local_mu[out.site_mask].cpu())
             glob.append(out.global_mu.cpu())
     encoder.train(was_training)
-    return {
+    ratios = {
         "pr_local": participation_ratio(torch.cat(local)),
         "pr_global": participation_ratio(torch.cat(glob)),
     }
+    return {k: v for k, v in ratios.items() if math.isfinite(v)}
 
 
 def _evaluate_dim(
