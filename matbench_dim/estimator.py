@@ -288,13 +288,14 @@ def _read_meta(path: Path, kind: str) -> dict[str, Any]:
 
 
 class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
-    """Site-Net regressor with optional Deep InfoMax pretraining on unlabelled structures.
+    """Site-Net regressor, Deep InfoMax-pretrained on structures, then fine-tuned on labels.
 
-    ``fit(X, y, X_unlabeled=...)`` first pretrains the encoder with DIM on the structures of
-    ``X`` and ``X_unlabeled`` (labels unused), then fine-tunes encoder + head on ``(X, y)``.
-    Without ``X_unlabeled`` and ``encoder_init`` the network starts from random weights (the
-    random-init baseline). ``encoder_init`` reuses an encoder pretrained once (by
-    :meth:`pretrain` / :meth:`save_encoder`) for many fine-tunes.
+    ``fit(X, y)`` first pretrains the encoder with DIM on the structures of ``X`` (their
+    labels are not used by pretraining; matbench's own fold loop therefore pretrains on each
+    training fold), plus ``X_unlabeled`` when given, then fine-tunes encoder + head on
+    ``(X, y)``. ``encoder_init`` reuses an encoder pretrained once (by :meth:`pretrain` /
+    :meth:`save_encoder`) for many fine-tunes, without pretraining again.
+    ``random_init=True`` starts from random weights instead (the random-init baseline).
 
     Parameters
     ----------
@@ -303,6 +304,9 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         encoder and train only the head.
     encoder_init
         ``None``, a folder written by :meth:`save_encoder`, or a :class:`PretrainedEncoder`.
+    random_init
+        Skip DIM pretraining and fine-tune from random weights (excludes ``encoder_init`` and
+        ``X_unlabeled``).
     random_state
         Seed of weights, splits, batch order and DIM samples (same seed -> same predictions
         on CPU).
@@ -342,6 +346,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         *,
         mode: str = "transfer",
         encoder_init: Any = None,
+        random_init: bool = False,
         random_state: int = 0,
         device: str = "auto",
         callbacks: Any = None,
@@ -394,6 +399,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
     ) -> None:
         self.mode = mode
         self.encoder_init = encoder_init
+        self.random_init = random_init
         self.random_state = random_state
         self.device = device
         self.callbacks = callbacks
@@ -488,30 +494,37 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         return self.pretrained_encoder_.save(path)
 
     def fit(self, X: Any, y: Any, X_unlabeled: Any = None) -> SiteNetDIMRegressor:
-        """Fit on labelled structures, after DIM pretraining when ``X_unlabeled`` is given.
+        """DIM-pretrain on the structures of ``X`` (and ``X_unlabeled``), then fine-tune on
+        ``(X, y)``; with ``encoder_init`` fine-tune that encoder, with ``random_init`` random
+        weights.
 
         Parameters
         ----------
         X
             Sequence (or pandas Series) of pymatgen Structures with labels.
         y
-            ``(n,)`` finite targets.
+            ``(n,)`` finite targets (used by fine-tuning, never by DIM pretraining).
         X_unlabeled
-            Structures whose labels are hidden (e.g. the rest of a matbench training fold);
-            DIM pretrains on ``X`` and these together (duplicates removed).
+            More structures for the pretraining pool, labels hidden (e.g. the rest of a
+            matbench training fold); DIM pretrains on ``X`` and these together (duplicates
+            removed).
         """
         self.validate_params()
+        if self.random_init and (self.encoder_init is not None or X_unlabeled is not None):
+            raise ValueError("random_init=True excludes encoder_init and X_unlabeled")
+        if self.encoder_init is not None and X_unlabeled is not None:
+            raise ValueError("give either encoder_init or X_unlabeled, not both")
         structures = as_structures(X)
         targets = as_targets(y, len(structures))
         device = self._setup()
         records = self._featurize(structures, _ids_of(X, len(structures)))
         history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
         encoder: SiteNetEncoder | None = None
-        if X_unlabeled is not None:
-            if self.encoder_init is not None:
-                raise ValueError("give either encoder_init or X_unlabeled, not both")
-            extra = as_structures(X_unlabeled, "X_unlabeled")
-            extra_records = self._featurize(extra, _ids_of(X_unlabeled, len(extra)))
+        if self.encoder_init is None and not self.random_init:
+            extra_records: list[CrystalRecord] = []
+            if X_unlabeled is not None:
+                extra = as_structures(X_unlabeled, "X_unlabeled")
+                extra_records = self._featurize(extra, _ids_of(X_unlabeled, len(extra)))
             pool, probe = _union(records, targets, extra_records)
             result = self._run_pretraining(pool, device, probe)
             self.pretrained_encoder_ = PretrainedEncoder.from_module(

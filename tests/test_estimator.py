@@ -188,14 +188,28 @@ def test_head_warmup_and_encoder_lr_scale(data, tmp_path):
 
 def test_random_init_differs_from_pretrained_start(data):
     x, y, _x_unlab = data
-    rnd = SiteNetDIMRegressor(**TINY).fit(x, y)
+    rnd = SiteNetDIMRegressor(**TINY, random_init=True).fit(x, y)
     assert not rnd.pretrained_
     assert rnd.history_["pretrain"] == []
+    assert clone(rnd).get_params()["random_init"] is True
+
+
+def test_plain_fit_pretrains_with_dim_on_its_own_structures(data):
+    """matbench's loop calls fit(X, y): that must DIM-pretrain on X, then fine-tune."""
+    x, y, x_unlab = data
+    est = SiteNetDIMRegressor(**TINY).fit(x, y)
+    assert est.pretrained_
+    assert len(est.history_["pretrain"]) == TINY["pretrain__epochs"]
+    assert est.pretrained_encoder_.info["n_pretrain"] == len(x)
+    pooled = SiteNetDIMRegressor(**TINY).fit(x, y, X_unlabeled=x_unlab)
+    assert pooled.pretrained_encoder_.info["n_pretrain"] == len(x) + len(x_unlab)
+    with pytest.raises(ValueError, match="random_init=True excludes"):
+        SiteNetDIMRegressor(**TINY, random_init=True).fit(x, y, X_unlabeled=x_unlab)
 
 
 def test_representation_mode_freezes_the_encoder(data):
     x, y, _ = data
-    est = SiteNetDIMRegressor(**TINY, mode="representation").fit(x, y)
+    est = SiteNetDIMRegressor(**TINY, mode="representation", random_init=True).fit(x, y)
     fresh = SiteNetDIMRegressor(**TINY)._initial_encoder()[0]
     for (k, v), (_, w) in zip(
         est.model_.encoder.state_dict().items(), fresh.state_dict().items(), strict=True

@@ -301,7 +301,7 @@ class SiteNetMethod(Method):
             raise ValueError(
                 f"task {task.name} fold {fold}: no pretraining entry has {self.transfer_target!r}"
             )
-        est = SiteNetDIMRegressor(**kw).fit(
+        est = SiteNetDIMRegressor(**kw, random_init=True).fit(  # supervised, from random weights
             X.loc[ids], other.targets.loc[ids].to_numpy(dtype=float)
         )
         info = {"transfer_target": other.target_name, "n_pretrain": len(ids)}
@@ -318,7 +318,9 @@ class SiteNetMethod(Method):
         init = None if pretrained is None else str(pretrained)
         if self.mode == "transfer":
             return SiteNetDIMRegressor(
-                **self._params(SiteNetDIMRegressor, random_state, encoder_init=init)
+                **self._params(
+                    SiteNetDIMRegressor, random_state, encoder_init=init, random_init=init is None
+                )
             )
         embed_kw = self._params(
             DIMEmbedder, random_state, encoder_init=init, random_init=init is None

@@ -381,13 +381,15 @@ def fit(
     if encoder_from is not None:
         est.set_params(encoder_init=str(encoder_folder(encoder_from, out, tracking_uri)))
     elif not no_pretrain:
-        pool = pd.concat(extra) if extra else t.structures
-    method = "dim" if pool is not None or encoder_from else "random_init"
+        pool = pd.concat(extra) if extra else None  # fit pretrains on the labelled ones too
+    else:
+        est.set_params(random_init=True)
+    method = "random_init" if no_pretrain else "dim"
     typer.echo(
         f"fitting on {len(t.structures)} labelled structures"
         + (
             f" after DIM pretraining on {len(t.structures) + sum(map(len, extra))}"
-            if pool is not None
+            if method == "dim" and encoder_from is None
             else ""
         )
     )
@@ -437,9 +439,9 @@ def predict(
     from matbench_dim.features.featurize import FeaturizationError
     from matbench_dim.tracking.tracker import download_artifact_dir
 
+    folder = download_artifact_dir(model, None, tracking_uri, what="model folder")
     check_writable(out.parent)
     X, skipped = read_cifs(cifs, skip_bad=skip_bad)
-    folder = download_artifact_dir(model, None, tracking_uri, what="model folder")
     est = SiteNetDIMRegressor.load(folder)
     try:
         pred = est.predict(X)

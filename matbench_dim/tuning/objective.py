@@ -216,6 +216,8 @@ class InnerCVObjective:
                 if run is not None:
                     cbs.append(run.callback(prefix=f"split{k}/"))
                 kwargs["callbacks"] = cbs
+            if self.X_pretrain is None and accepts(self.factory, "random_init"):
+                kwargs.setdefault("random_init", True)  # pretraining disabled: random weights
             est = self.factory(**kwargs)
             est.fit(_take(self.X, split.train), self.y[split.train])
             pred = np.asarray(est.predict(_take(self.X, split.val)), dtype=float).ravel()
