@@ -446,6 +446,7 @@ def pretrain_dim(
     bar = tqdm(range(start, cfg.epochs), desc="DIM pretraining", unit="epoch", disable=not progress)
     try:
         for epoch in bar:
+            t_epoch = time.perf_counter()
             gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
             encoder.train()
             objective.train()
@@ -491,7 +492,7 @@ def pretrain_dim(
                     ),
                 }
                 state.extra["best"] = best
-            logs["epoch_time_s"] = time.perf_counter() - t0
+            logs["epoch_time_s"] = time.perf_counter() - t_epoch  # this epoch, validation included
             history.append(logs)
             state.epoch = epoch
             bar.set_postfix(dim=f"{monitor:.4f}")
@@ -700,7 +701,15 @@ def finetune(
         call_hook(cbs, "on_exception", "finetune", state, exc)
         raise
     finally:
+        if progress and len(history) < cfg.epochs:  # say why the bar stops short
+            bar.set_description(f"fine-tuning stopped early (best epoch {best['epoch']})")
+            bar.refresh()
         bar.close()
+    if len(history) < cfg.epochs:
+        logger.info(
+            "fine-tuning stopped after %d of %d epochs; best validation epoch %d",
+            len(history), cfg.epochs, best["epoch"],
+        )  # fmt: skip
     if best["state"] is not None:
         net.load_state_dict(best["state"])
     for p in net.encoder.parameters():

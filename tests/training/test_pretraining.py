@@ -101,3 +101,11 @@ def test_checkpoint_of_other_data_is_not_resumed(records, tmp_path):
 def test_pretraining_needs_two_crystals(records):
     with pytest.raises(ValueError, match="at least 2 crystals"):
         run(records[:1], 1)
+
+
+def test_epoch_time_is_per_epoch_not_cumulative(records):
+    result = run(records, 3)
+    times = [h["epoch_time_s"] for h in result.history]
+    assert len(times) == 3
+    assert all(t > 0 for t in times)
+    assert sum(times) <= result.wall_s  # cumulative times would add up to more than the wall
