@@ -385,6 +385,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         pretrain__val_fraction: float = 0.05,
         pretrain__patience: int = 10,
         pretrain__grad_clip: float = 10.0,
+        pretrain__stop: str = "dim_loss",
         pretrain__checkpoint: str | None = None,
         finetune__epochs: int = 300,
         finetune__batch_sites: int = 400,
@@ -438,6 +439,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         self.pretrain__val_fraction = pretrain__val_fraction
         self.pretrain__patience = pretrain__patience
         self.pretrain__grad_clip = pretrain__grad_clip
+        self.pretrain__stop = pretrain__stop
         self.pretrain__checkpoint = pretrain__checkpoint
         self.finetune__epochs = finetune__epochs
         self.finetune__batch_sites = finetune__batch_sites
@@ -702,6 +704,7 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
         pretrain__val_fraction: float = 0.05,
         pretrain__patience: int = 10,
         pretrain__grad_clip: float = 10.0,
+        pretrain__stop: str = "dim_loss",
         pretrain__checkpoint: str | None = None,
     ) -> None:
         self.encoder_init = encoder_init
@@ -744,6 +747,7 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
         self.pretrain__val_fraction = pretrain__val_fraction
         self.pretrain__patience = pretrain__patience
         self.pretrain__grad_clip = pretrain__grad_clip
+        self.pretrain__stop = pretrain__stop
         self.pretrain__checkpoint = pretrain__checkpoint
 
     def fit(self, X: Any, y: Any = None) -> DIMEmbedder:

@@ -74,10 +74,19 @@ class PretrainConfig:
     val_fraction
         Fraction of the (unlabelled) pool held out to select the best epoch by the DIM loss.
     patience
-        Epochs without improvement of the validation DIM loss before stopping (0: never).
+        Epochs without improvement before stopping (0: never); what must improve is set by
+        ``stop``.
     grad_clip
         Maximum gradient norm of each stage (local, global, probes), clipped separately so
         that no stage rescales another's step (0: no clipping).
+    stop
+        The label-free stopping rule. ``"dim_loss"``: stop when the validation DIM loss has
+        not improved for ``patience`` epochs. ``"critic_plateau"``: stop when the local
+        critic's validation accuracy has not risen by more than 0.005 for ``patience``
+        epochs *and* the effective rank of the local means is back at or above the random
+        encoder's (DIM first collapses the local stage, then recovers it; see
+        :func:`critic_plateau_reached`). Both read only the unlabelled validation slice;
+        the kept encoder is the epoch of lowest validation DIM loss either way.
     """
 
     epochs: int = 30
@@ -85,9 +94,40 @@ class PretrainConfig:
     val_fraction: float = 0.05
     patience: int = 10
     grad_clip: float = 10.0
+    stop: str = "dim_loss"
 
     def __post_init__(self) -> None:
         _check_loop(self, "pretrain")
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"pretrain stop must be one of {STOP_RULES}, got {self.stop!r}")
+
+
+STOP_RULES = ("dim_loss", "critic_plateau")
+PLATEAU_MIN_GAIN = 0.005
+"""Smallest rise of the local critic's validation accuracy that counts as progress."""
+
+
+def critic_plateau_reached(
+    history: Sequence[dict[str, float]], patience: int, min_gain: float = PLATEAU_MIN_GAIN
+) -> bool:
+    """The ``"critic_plateau"`` rule on a pretraining history (label-free logs only).
+
+    True when the last ``patience`` epochs raised ``val_acc_local`` by no more than
+    ``min_gain`` over its best before them, and the last epoch's ``val_pr_local`` is at
+    least ``ref_pr_local`` (the random encoder's effective rank). False while either is
+    missing (no validation slice) or fewer than ``patience + 1`` epochs have run.
+    """
+    if patience < 1 or len(history) <= patience:
+        return False
+    acc = [h.get("val_acc_local") for h in history]
+    if any(a is None for a in acc):
+        return False
+    before = max(acc[:-patience])
+    plateau = max(acc[-patience:]) <= before + min_gain
+    last = history[-1]
+    if "val_pr_local" not in last or "ref_pr_local" not in last:
+        return False
+    return plateau and last["val_pr_local"] >= last["ref_pr_local"]
 
 
 @dataclass(frozen=True)
@@ -497,12 +537,19 @@ def pretrain_dim(
             state.epoch = epoch
             bar.set_postfix(dim=f"{monitor:.4f}")
             call_hook(cbs, "on_epoch_end", "pretrain", epoch, logs, state)
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            if cfg.stop == "dim_loss" and cfg.patience and epoch - best["epoch"] >= cfg.patience:
                 logger.info(
                     "DIM pretraining stopped at epoch %d (no improvement for %d)",
                     epoch,
                     cfg.patience,
                 )
+                break
+            if cfg.stop == "critic_plateau" and critic_plateau_reached(history, cfg.patience):
+                logger.info(
+                    "DIM pretraining stopped at epoch %d: local critic on a plateau for %d "
+                    "epochs, local effective rank %.2f >= the random encoder's %.2f",
+                    epoch, cfg.patience, logs["val_pr_local"], logs["ref_pr_local"],
+                )  # fmt: skip
                 break
     except StopTraining:
         logger.info("DIM pretraining stopped by a callback at epoch %d", state.epoch)

@@ -109,3 +109,51 @@ def test_epoch_time_is_per_epoch_not_cumulative(records):
     assert len(times) == 3
     assert all(t > 0 for t in times)
     assert sum(times) <= result.wall_s  # cumulative times would add up to more than the wall
+
+
+def _h(acc, pr, ref=3.0):
+    return {"val_acc_local": acc, "val_pr_local": pr, "ref_pr_local": ref}
+
+
+def test_critic_plateau_rule_needs_a_plateau_and_a_recovered_rank():
+    from matbench_dim.training.loops import critic_plateau_reached
+
+    rising = [_h(0.5 + 0.02 * i, 4.0) for i in range(8)]
+    assert not critic_plateau_reached(rising, patience=3)  # still learning
+    flat = [*rising[:4], *[_h(0.56 + 0.001 * i, 4.0) for i in range(4)]]
+    assert critic_plateau_reached(flat, patience=3)
+    collapsed = [*flat[:-1], _h(0.563, 1.4)]  # plateau, but the local stage is collapsed
+    assert not critic_plateau_reached(collapsed, patience=3)
+    assert not critic_plateau_reached(flat[:3], patience=3)  # too few epochs
+    assert not critic_plateau_reached([{"train_acc_local": 0.9}] * 6, patience=3)  # no val
+    probed = [{**h, "train_probe_property_mae": 100.0 - i} for i, h in enumerate(rising)]
+    assert not critic_plateau_reached(probed, patience=3)  # label logs change nothing
+    probed = [{**h, "train_probe_property_mae": 1.0} for h in flat]
+    assert critic_plateau_reached(probed, patience=3)
+
+
+def test_critic_plateau_stop_ends_pretraining_and_reads_no_label(records, monkeypatch):
+    from matbench_dim.training import loops
+
+    seen = []
+
+    def rule(history, patience, min_gain=loops.PLATEAU_MIN_GAIN):
+        seen.append(sorted(history[-1]))
+        return len(history) >= 3
+
+    monkeypatch.setattr(loops, "critic_plateau_reached", rule)
+    cfg = PretrainConfig(epochs=40, batch_sites=200, val_fraction=0.2, patience=2,
+                         stop="critic_plateau")  # fmt: skip
+    kw = {"encoder_cfg": SMALL, "dim_cfg": DIM, "optimizer_cfg": OptimizerConfig(lr=1e-3)}
+    result = pretrain_dim(records, cfg=cfg, seed=0, **kw)
+    assert len(result.history) == 3  # stopped the epoch the rule said so
+    assert {"val_acc_local", "val_pr_local", "ref_pr_local"} <= set(seen[-1])
+    seen.clear()
+    labels = np.arange(len(records), dtype=float)
+    labelled = pretrain_dim(records, cfg=cfg, seed=0, probe_targets=labels, **kw)
+    assert len(labelled.history) == 3
+    seen.clear()
+    pretrain_dim(records, cfg=PretrainConfig(epochs=2, batch_sites=200), seed=0, **kw)
+    assert seen == []  # the default rule (validation DIM loss) never asks it
+    with pytest.raises(ValueError, match="pretrain stop must be one of"):
+        PretrainConfig(stop="label_probe")
