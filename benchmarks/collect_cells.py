@@ -1,0 +1,112 @@
+"""Collect finished label-masking cells into one committed CSV, and print its tables.
+
+    python benchmarks/collect_cells.py add RESULTS_DIR --study NAME   # append / update rows
+    python benchmarks/collect_cells.py table [--study NAME]             # markdown tables
+
+``benchmarks/results/label_masking.csv`` holds one row per cell: ``task, target, method,
+fold, n, seed, mae`` (the columns the study issue asks for), then ``study`` (which
+pretraining budget and code produced it: runs with different budgets are different studies
+and are never averaged together) and ``n_test``. ``add`` is idempotent: a cell already in
+the file for the same study is replaced, so it can be run after every finished batch of
+cells and committed as the study goes (an interrupted study loses nothing).
+
+``table`` prints, per (study, task, target), mean ± std over seeds of the test MAE by method
+and n, and for ``dim`` and ``dim_rf`` the paired comparison with ``random_init`` /
+``random_rf`` on the same (fold, seed): the mean relative change and the win count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from matbench_dim.bench.results import load_results
+
+CSV = Path(__file__).resolve().parent / "results" / "label_masking.csv"
+KEY = ["study", "task", "target", "method", "fold", "n", "seed"]
+COLUMNS = ["task", "target", "method", "fold", "n", "seed", "mae", "study", "n_test"]
+PAIRS = {"dim": "random_init", "dim_rf": "random_rf"}
+
+
+def read(csv: Path = CSV) -> pd.DataFrame:
+    return pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
+
+
+def add(results_dir: Path, study: str, csv: Path = CSV) -> pd.DataFrame:
+    cells = load_results(results_dir)
+    if cells.empty:
+        raise SystemExit(f"{results_dir}: no finished cells")
+    new = cells.assign(study=study)[COLUMNS]
+    old = read(csv)
+    kept = old[~old.set_index(KEY).index.isin(new.set_index(KEY).index)]
+    merged = pd.concat([kept, new]) if len(kept) else new
+    merged = merged.sort_values(KEY, kind="stable").reset_index(drop=True)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    merged.to_csv(csv, index=False, float_format="%.6g")
+    return merged
+
+
+def tables(frame: pd.DataFrame) -> str:
+    out = []
+    for (study, task, target), part in frame.groupby(["study", "task", "target"], sort=True):
+        ns = sorted(int(n) for n in part["n"].unique())
+        seeds = sorted(int(s) for s in part["seed"].unique())
+        folds = sorted(int(f) for f in part["fold"].unique())
+        out.append(f"**{task} / {target}** — study `{study}`, folds {folds}, seeds {seeds}; "
+                   "test MAE, mean ± std over (fold, seed)\n")  # fmt: skip
+        out.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
+        out.append("|---" * (len(ns) + 1) + "|")
+        for method, rows in part.groupby("method", sort=True):
+            stats = rows.groupby("n")["mae"].agg(["mean", "std", "count"])
+            cells = [
+                f"{stats.loc[n, 'mean']:.3f} ± {stats.loc[n, 'std']:.3f}"
+                if n in stats.index
+                else ""
+                for n in ns
+            ]
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        for method, reference in PAIRS.items():
+            a = part[part["method"] == method].set_index(["fold", "n", "seed"])["mae"]
+            b = part[part["method"] == reference].set_index(["fold", "n", "seed"])["mae"]
+            both = a.index.intersection(b.index)
+            if both.empty:
+                continue
+            diffs = []
+            for n in ns:
+                idx = [i for i in both if i[1] == n]
+                if idx:
+                    rel = ((a[idx] - b[idx]) / b[idx]).mean() * 100
+                    wins = int((a[idx] < b[idx]).sum())
+                    diffs.append(f"n={n}: {rel:+.1f} % ({wins}/{len(idx)} pairs better)")
+            out.append(f"\n{method} vs {reference}, paired: " + "; ".join(diffs))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_add = sub.add_parser("add", help="append the cells of a results folder")
+    p_add.add_argument("results_dir", type=Path)
+    p_add.add_argument("--study", required=True)
+    p_tab = sub.add_parser("table", help="print markdown tables")
+    p_tab.add_argument("--study")
+    for p in (p_add, p_tab):
+        p.add_argument("--csv", type=Path, default=CSV)
+    args = parser.parse_args(argv)
+    if args.command == "add":
+        frame = add(args.results_dir, args.study, args.csv)
+        print(f"{len(frame)} cells in {args.csv}")
+        return 0
+    frame = read(args.csv)
+    if args.study:
+        frame = frame[frame["study"] == args.study]
+    print(tables(frame))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
