@@ -23,6 +23,7 @@ import pandas as pd
 from scipy import stats
 
 from matbench_dim.bench.results import load_results, safe_name
+from matbench_dim.data.sources import target_unit
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,10 @@ def _wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------- outputs
 
 
+TRIVIAL_METHODS = ("dummy_mean", "zero", "median")
+"""Constant predictors: drawn as reference lines, not curves."""
+
+
 def plot_learning_curve(
     results: pd.DataFrame, task: str, target: str, path: str | Path, unit: str = ""
 ) -> Path:
@@ -156,9 +161,11 @@ def plot_learning_curve(
         raise ValueError(f"no cells for task {task!r} target {target!r}")
     summary = summarize(sub)
     repeats = sub.groupby(["method", "n"]).size()
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    fig = Figure(figsize=(8.0, 4.4), dpi=120)
     ax = fig.add_subplot()
-    for method, grp in summary.groupby("method", sort=True):
+    trivial = summary[summary["method"].isin(TRIVIAL_METHODS)]
+    models = summary[~summary["method"].isin(TRIVIAL_METHODS)]
+    for method, grp in models.groupby("method", sort=True):
         ax.errorbar(
             grp["n"], grp["mae_mean"], yerr=grp["mae_std"], marker="o", capsize=3, label=method
         )
@@ -177,18 +184,32 @@ def plot_learning_curve(
                 marker="x",
                 label=f"anchor: {method}",
             )
+    if not models.empty:  # scale the axis to the models; the trivial predictors as references
+        low = float((models["mae_mean"] - models["mae_std"].fillna(0)).min())
+        high = float((models["mae_mean"] + models["mae_std"].fillna(0)).max())
+        pad = 0.08 * (high - low or high or 1.0)
+        ax.set_ylim(max(0.0, low - pad), high + pad)
+    top = ax.get_ylim()[1]
+    for k, (method, grp) in enumerate(trivial.groupby("method", sort=True)):
+        level = float(grp["mae_mean"].mean())
+        style = {"color": "0.3", "linestyle": (0, (1, 2 + k)), "linewidth": 1.2}
+        if level <= top:
+            ax.axhline(level, label=f"{method} (reference): {level:.3g}", **style)
+        else:  # off the top: say where it is instead of squeezing the curves
+            ax.plot([], [], label=f"{method} (reference): {level:.3g}, above the axis", **style)
     ax.set_xscale("log")
     ax.set_xticks(ns)
     ax.set_xticklabels([str(n) for n in ns])
     ax.minorticks_off()
-    ax.set_xlabel("labelled training entries n")
+    ax.set_xlabel("labelled training entries n (log scale)")
+    unit = unit or target_unit(task, target)
     ax.set_ylabel(f"test MAE{f' ({unit})' if unit else ''}")
     rep = (
         f"{repeats.min()}" if repeats.min() == repeats.max() else f"{repeats.min()}-{repeats.max()}"
     )
-    ax.set_title(f"{task} / {target}: {rep} repeats (folds x seeds) per point")
+    ax.set_title(f"{task} / {target}: {rep} repeats (folds x seeds) per point", fontsize="medium")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

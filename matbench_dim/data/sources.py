@@ -413,6 +413,21 @@ SAMPLE_DATASETS: dict[str, LocalDataset] = {
 SHIPPED_MATBENCH = ("matbench_jdft2d",)
 
 
+def target_unit(task: str, target: str) -> str:
+    """The unit of ``target`` of a built-in task (``""`` when unknown), without loading data."""
+    spec = LOCAL_DATASETS.get(task.removeprefix(SAMPLE_PREFIX))
+    if spec is not None:
+        for alias, (column, unit) in spec.targets.items():
+            if target in (alias, column):
+                return unit
+        return ""
+    if task.removeprefix(SAMPLE_PREFIX) in MATBENCH_STRUCTURE_TASKS:
+        from matbench.metadata import mbv01_metadata
+
+        return str(mbv01_metadata[task.removeprefix(SAMPLE_PREFIX)].unit or "")
+    return ""
+
+
 def available_tasks() -> list[str]:
     """Every name :func:`load_task` accepts."""
     samples = [*SAMPLE_DATASETS, *SHIPPED_MATBENCH]

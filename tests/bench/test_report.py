@@ -171,3 +171,28 @@ def test_report_has_one_paired_table_per_reference(tmp_path, fake_results):
     assert "| dim | 50 | 6 | 0.00 | -0.010 |" in md
     only = write_report(tmp_path / "one", results=both, reference="dim")["markdown"].read_text()
     assert "with `dim_rf`" not in only
+
+
+def test_learning_curve_has_units_a_reference_dummy_and_an_outside_legend(
+    fake_results, tmp_path, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    from matbench_dim.bench.report import plot_learning_curve
+
+    far = fake_results.assign(
+        mae=np.where(fake_results["method"] == "dummy_mean", 5.0, fake_results["mae"])
+    )
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    plot_learning_curve(far, TASK, TARGET, tmp_path / "curve.png")
+    (ax,) = saved[0].axes
+    assert ax.get_ylabel() == "test MAE (eV/unit cell)"  # the task's unit, found by name
+    models = far[far["method"] != "dummy_mean"]["mae"]
+    assert ax.get_ylim()[1] < 1.0 < 5.0  # the dummy does not squeeze the model curves
+    assert ax.get_ylim()[1] > models.groupby(far["n"]).mean().max()
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert any(lab.startswith("dummy_mean (reference): 5") and "above" in lab for lab in labels)
+    assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # outside the data
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["50", "100"]
