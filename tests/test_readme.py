@@ -61,6 +61,9 @@ def test_readme_mlflow_model_block_runs_against_a_fresh_run(tmp_path, monkeypatc
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert made.returncode == 0, made.stdout + made.stderr
+    # the main job shows the method beside its baselines at the same n and budget
+    for label in ("fine-tuned from DIM:", "from random weights:", "train-mean dummy:"):
+        assert re.search(rf"{label}\s+\d", made.stdout), made.stdout
     model_line = next(
         line for line in made.stdout.splitlines() if "runs:/" in line and "/model" in line
     )

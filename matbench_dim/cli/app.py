@@ -120,6 +120,13 @@ def run(
     data_home: Annotated[Path | None, typer.Option(help="Folder with the dataset files.")] = None,
     param: Params = None,
     encoder_from: EncoderFrom = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            help="Also fine-tune from random weights with the same labels and budget, and print "
+            "it beside the DIM result and the train-mean dummy."
+        ),
+    ] = True,
     tracking_uri: TrackingUri = None,
     no_tracking: NoTracking = False,
 ) -> None:
@@ -185,6 +192,20 @@ def run(
             f"test MAE {metrics['mae']:.4g}{unit} (train-mean dummy {dummy:.4g}) on "
             f"{len(y_test)} structures"
         ]
+        if compare:
+            typer.echo("the same fine-tuning from random weights, for comparison")
+            baseline = make_estimator({**params, "random_init": True})
+            baseline.fit(x_train.loc[ids], y_train.loc[ids])
+            rnd = float(np.mean(np.abs(y_test - baseline.predict(x_test))))
+            mlrun.log_metrics({"test/random_init_mae": rnd})
+            start_from = "DIM" if encoder_from is None else "the given encoder"
+            lines = [
+                f"test MAE on {len(y_test)} structures, {len(ids)} labels, same fine-tuning "
+                f"budget:",
+                f"  fine-tuned from {start_from}: {metrics['mae']:.4g}{unit}",
+                f"  from random weights:  {rnd:.4g}{unit}",
+                f"  train-mean dummy:     {dummy:.4g}{unit}",
+            ]
         pred_path = out / "predictions.csv"
         frame = {"id": x_test.index, "prediction": pred, "target": y_test}
         pd.DataFrame(frame).to_csv(pred_path, index=False)

@@ -180,6 +180,8 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
         "--encoder-from", f"runs:/{run_id}/encoder", "--tracking-uri", store, *TINY,
     )  # fmt: skip
     assert "fine-tuning the encoder" in result.output
+    assert "fine-tuned from the given encoder:" in result.output
+    assert "from random weights:" in result.output
     assert json.loads((out / "model" / "config.json").read_text())["fitted"]["pretrained"]
     assert not (out / "encoder").exists()  # nothing new was pretrained
     fine_tune = _line(result.stdout, "MLflow run").split()[2]
