@@ -26,12 +26,8 @@ from matbench_dim.data.sources import load_task
 from matbench_dim.features.featurize import collate, featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
-from matbench_dim.training.loops import (
-    OptimizerConfig,
-    PretrainConfig,
-    pretrain_dim,
-    split_train_val,
-)
+from matbench_dim.training.common import OptimizerConfig, split_train_val
+from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
 
 def main() -> None:

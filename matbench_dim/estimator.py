@@ -32,16 +32,9 @@ from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
 from matbench_dim.runtime import configure_threads, resolve_device, seed_everything
 from matbench_dim.training.callbacks import Callback, EarlyStopping
-from matbench_dim.training.loops import (
-    FinetuneConfig,
-    OptimizerConfig,
-    PretrainConfig,
-    PretrainResult,
-    embed,
-    finetune,
-    predict,
-    pretrain_dim,
-)
+from matbench_dim.training.common import OptimizerConfig
+from matbench_dim.training.finetune import FinetuneConfig, embed, finetune, predict
+from matbench_dim.training.pretrain import PretrainConfig, PretrainResult, pretrain_dim
 
 logger = logging.getLogger(__name__)
 
@@ -324,9 +317,9 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         Fields of :class:`~matbench_dim.features.featurize.FeaturizerConfig`,
         :class:`~matbench_dim.model.sitenet.EncoderConfig`,
         :class:`~matbench_dim.model.dim.DIMConfig`,
-        :class:`~matbench_dim.training.loops.OptimizerConfig`,
-        :class:`~matbench_dim.training.loops.PretrainConfig` and
-        :class:`~matbench_dim.training.loops.FinetuneConfig` (their docstrings give meaning and
+        :class:`~matbench_dim.training.common.OptimizerConfig`,
+        :class:`~matbench_dim.training.pretrain.PretrainConfig` and
+        :class:`~matbench_dim.training.finetune.FinetuneConfig` (their docstrings give meaning and
         units). ``pretrain__checkpoint`` is a file to checkpoint/resume pretraining.
 
     Attributes
@@ -636,7 +629,7 @@ def _union(
     records: list[CrystalRecord], targets: np.ndarray, extra: list[CrystalRecord]
 ) -> tuple[list[CrystalRecord], np.ndarray]:
     """Labelled + unlabelled records without duplicates; probe labels NaN where unknown."""
-    from matbench_dim.training.loops import records_fingerprint
+    from matbench_dim.training.common import records_fingerprint
 
     seen: dict[str, int] = {}
     pool: list[CrystalRecord] = []

@@ -65,7 +65,7 @@ MUTANTS = (
     ),
     Mutant(
         "pretraining resumes without the optimiser state",
-        "matbench_dim/training/loops.py",
+        "matbench_dim/training/pretrain.py",
         'o.load_state_dict(ckpt["optimizers"][k])',
         "pass",
         ("tests/training/test_pretraining.py",),
@@ -79,7 +79,7 @@ MUTANTS = (
     ),
     Mutant(
         "labels reach the encoder (one gradient clip over every stage, probes included)",
-        "matbench_dim/training/loops.py",
+        "matbench_dim/training/pretrain.py",
         """    for opt in optimizers.values():
         _clip([p for g in opt.param_groups for p in g["params"]], max_norm)""",
         """    _clip([p for o in optimizers.values() for g in o.param_groups for p in g["params"]],

@@ -29,7 +29,8 @@ from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
 from matbench_dim.paths import check_writable
 from matbench_dim.training.callbacks import Callback
-from matbench_dim.training.loops import OptimizerConfig, PretrainConfig, pretrain_dim
+from matbench_dim.training.common import OptimizerConfig
+from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
 PRETRAIN_SCRIPT = """
 import json, sys, time
@@ -389,7 +390,7 @@ def test_corrupt_checkpoint_restarts_with_a_warning(records, tmp_path, caplog):
         pretrain(records, 2, checkpoint_path=ckpt, callbacks=[StopAfter(0)])
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # a torn file (e.g. copied while being written)
     counter = CountEpochs()
-    with caplog.at_level(logging.WARNING, logger="matbench_dim.training.loops"):
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.training.pretrain"):
         again = pretrain(records, 2, checkpoint_path=ckpt, callbacks=[counter])
     assert "ignoring unreadable checkpoint" in caplog.text
     assert str(ckpt) in caplog.text

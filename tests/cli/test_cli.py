@@ -132,7 +132,7 @@ def test_run_end_to_end_records_a_valid_matbench_file(tmp_path):
     assert list(preds["id"]) == list(task.test_ids(0))
     mae = float(np.mean(np.abs(preds["prediction"] - preds["target"])))
     assert mtask.results["fold_0"].scores.mae == pytest.approx(mae, rel=1e-6)
-    assert _line(result.stdout, "test MAE").startswith(f"test MAE {mae:.4g} meV/atom")
+    assert f"fine-tuned from DIM: {mae:.4g} meV/atom" in result.stdout
     assert (out / "model" / "config.json").is_file()
     assert (out / "encoder" / "config.json").is_file()
     assert not (tmp_path / "mlruns").exists()  # --no-tracking records nothing
@@ -143,7 +143,7 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
 ):
     from mlflow import MlflowClient
 
-    from matbench_dim.training import loops as training
+    from matbench_dim.training import pretrain as training
 
     args = ["pretrain", "--task", "matbench_jdft2d", "--fold", 1, "--max-train-structures", 30]
     args += ["--epochs", 2, "--out", tmp_path / "pre", "--tracking-uri", store, *TINY]

@@ -21,12 +21,8 @@ from matbench_dim.model.dim import (
 )
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
 from matbench_dim.tracking.tracker import setup_tracking
-from matbench_dim.training.loops import (
-    OptimizerConfig,
-    PretrainConfig,
-    pretrain_dim,
-    split_train_val,
-)
+from matbench_dim.training.common import OptimizerConfig, split_train_val
+from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
 ENC = EncoderConfig(
     site_dim=16,

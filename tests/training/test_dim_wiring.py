@@ -15,12 +15,8 @@ import torch
 from matbench_dim.features.featurize import collate, featurize
 from matbench_dim.model.dim import DIMConfig, DIMObjective, GlobalDIMLoss, LocalDIMLoss
 from matbench_dim.model.sitenet import EncoderConfig, GlobalEncoder, SiteNetEncoder
-from matbench_dim.training.loops import (
-    OptimizerConfig,
-    PretrainConfig,
-    pretrain_dim,
-    split_train_val,
-)
+from matbench_dim.training.common import OptimizerConfig, split_train_val
+from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
 SMALL = EncoderConfig(
     site_dim=32,

@@ -17,7 +17,8 @@ from matbench_dim.estimator import SiteNetDIMRegressor
 from matbench_dim.features.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
-from matbench_dim.training.loops import OptimizerConfig, PretrainConfig, pretrain_dim
+from matbench_dim.training.common import OptimizerConfig
+from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
 TINY_ENC = EncoderConfig(
     site_dim=16,

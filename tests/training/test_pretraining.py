@@ -10,7 +10,8 @@ from matbench_dim.features.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
 from matbench_dim.training.callbacks import Callback
-from matbench_dim.training.loops import OptimizerConfig, PretrainConfig, pretrain_dim
+from matbench_dim.training.common import OptimizerConfig
+from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
 SMALL = EncoderConfig(
     site_dim=32,
@@ -116,7 +117,7 @@ def _h(acc, pr, ref=3.0):
 
 
 def test_critic_plateau_rule_needs_a_plateau_and_a_recovered_rank():
-    from matbench_dim.training.loops import critic_plateau_reached
+    from matbench_dim.training.pretrain import critic_plateau_reached
 
     rising = [_h(0.5 + 0.02 * i, 4.0) for i in range(8)]
     assert not critic_plateau_reached(rising, patience=3)  # still learning
@@ -133,7 +134,7 @@ def test_critic_plateau_rule_needs_a_plateau_and_a_recovered_rank():
 
 
 def test_critic_plateau_stop_ends_pretraining_and_reads_no_label(records, monkeypatch):
-    from matbench_dim.training import loops
+    from matbench_dim.training import pretrain as loops
 
     seen = []
 

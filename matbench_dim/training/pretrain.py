@@ -1,64 +1,47 @@
-"""Training loops: DIM pretraining on unlabelled crystals and supervised fine-tuning.
+"""DIM pretraining on unlabelled crystals: the loop, its label-free monitors and stopping
+rules, and its checkpoints.
 
-The loops talk to the outside world only through :mod:`matbench_dim.training.callbacks`: tracking,
-pruning, early stopping and checkpoints are callbacks passed in by the caller. Randomness
-comes from generators seeded by ``(seed, epoch)``, so a run resumed from a checkpoint draws
-the same batches and samples as an uninterrupted one.
+The loop talks to the outside world only through :mod:`matbench_dim.training.callbacks`:
+tracking, pruning, early stopping and checkpoints are callbacks passed in by the caller.
+Randomness comes from generators seeded by ``(seed, epoch)``, so a run resumed from a
+checkpoint draws the same batches and samples as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from matbench_dim.features.featurize import CrystalRecord, batch_indices, collate
+from matbench_dim.features.featurize import CrystalRecord, collate
 from matbench_dim.model.dim import DIMConfig, DIMObjective, participation_ratio
-from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
+from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
 from matbench_dim.training.callbacks import Callback, StopTraining, TrainingState, call_hook
+from matbench_dim.training.common import (
+    OptimizerConfig,
+    check_loop,
+    clip_grad,
+    config_fingerprint,
+    epoch_seed,
+    make_batches,
+    mean_logs,
+    records_fingerprint,
+    split_train_val,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW settings (the seed's: lr 1e-4, weight decay 1e-4, eps 1e-7, amsgrad)."""
-
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    eps: float = 1e-7
-    amsgrad: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optimizer lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.eps <= 0:
-            raise ValueError("optimizer weight_decay must be >= 0 and eps > 0")
-
-    def make(self, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
-        """Build an AdamW optimiser over ``params`` (``lr`` overrides ``self.lr``)."""
-        return torch.optim.AdamW(
-            params,
-            lr=lr if lr is not None else self.lr,
-            weight_decay=self.weight_decay,
-            eps=self.eps,
-            amsgrad=self.amsgrad,
-        )
 
 
 @dataclass(frozen=True)
@@ -97,7 +80,7 @@ class PretrainConfig:
     stop: str = "dim_loss"
 
     def __post_init__(self) -> None:
-        _check_loop(self, "pretrain")
+        check_loop(self, "pretrain")
         if self.stop not in STOP_RULES:
             raise ValueError(f"pretrain stop must be one of {STOP_RULES}, got {self.stop!r}")
 
@@ -130,126 +113,6 @@ def critic_plateau_reached(
     return plateau and last["val_pr_local"] >= last["ref_pr_local"]
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Supervised fine-tuning settings.
-
-    Attributes
-    ----------
-    epochs
-        Maximum epochs over the labelled set.
-    batch_sites
-        Unique sites per batch (the seed uses 400 for n <= 250).
-    val_fraction
-        Fraction of the labelled set held out for the best-epoch choice and early stopping
-        (at least one crystal when there are 4 or more labels; none below that).
-    patience
-        Epochs without improvement of the validation MAE before stopping (0: never).
-    lr
-        Fine-tuning learning rate (``None``: the optimizer's ``lr``).
-    loss
-        ``"mse"`` (the seed's fine-tuning loss) or ``"l1"``.
-    head_hidden
-        Hidden width of the regression head.
-    freeze_encoder
-        Train only the head (the representation use); the seed found freezing never helped
-        in transfer.
-    grad_clip
-        Maximum gradient norm (0: no clipping).
-    encoder_lr_scale
-        The encoder's learning rate as a fraction of ``lr`` (the head always trains at ``lr``);
-        1 trains the whole network at one rate, as the seed does.
-    head_warmup_epochs
-        Epochs that train only the head, with the encoder frozen, before the whole network is
-        fine-tuned ("linear probing, then fine-tuning"; 0: none).
-    """
-
-    epochs: int = 300
-    batch_sites: int = 400
-    val_fraction: float = 0.2
-    patience: int = 100
-    lr: float | None = 3e-4
-    loss: str = "mse"
-    head_hidden: int = 64
-    freeze_encoder: bool = False
-    grad_clip: float = 10.0
-    encoder_lr_scale: float = 1.0
-    head_warmup_epochs: int = 0
-
-    def __post_init__(self) -> None:
-        _check_loop(self, "finetune")
-        if not self.encoder_lr_scale > 0:
-            raise ValueError(f"finetune encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
-        if self.head_warmup_epochs < 0:
-            raise ValueError(
-                f"finetune head_warmup_epochs must be >= 0, got {self.head_warmup_epochs}"
-            )
-        if self.loss not in ("mse", "l1"):
-            raise ValueError(f"finetune loss must be 'mse' or 'l1', got {self.loss!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"finetune lr must be > 0 or None, got {self.lr}")
-        if self.head_hidden < 1:
-            raise ValueError("finetune head_hidden must be >= 1")
-
-
-def _check_loop(cfg: Any, name: str) -> None:
-    if cfg.epochs < 1:
-        raise ValueError(f"{name} epochs must be >= 1, got {cfg.epochs}")
-    if cfg.batch_sites < 1:
-        raise ValueError(f"{name} batch_sites must be >= 1, got {cfg.batch_sites}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"{name} val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.patience < 0 or cfg.grad_clip < 0:
-        raise ValueError(f"{name} patience and grad_clip must be >= 0")
-
-
-def split_train_val(
-    n: int, val_fraction: float, seed: int, min_total_for_val: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(n)`` into (train, validation) index arrays.
-
-    The validation part has ``round(n * val_fraction)`` items, at least one when
-    ``n >= min_total_for_val`` and ``val_fraction > 0``, none otherwise.
-    """
-    if val_fraction <= 0 or n < min_total_for_val:
-        return np.arange(n), np.arange(0)
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
-
-
-def _batches(
-    records: Sequence[CrystalRecord], idx: np.ndarray, batch_sites: int, seed: int | None
-) -> list[np.ndarray]:
-    groups = batch_indices(
-        [records[i].n_prim for i in idx], max_sites=batch_sites, shuffle=seed is not None, seed=seed
-    )
-    return [idx[np.asarray(g, dtype=int)] for g in groups]
-
-
-def _mean_logs(rows: list[dict[str, float]], weights: list[int], prefix: str) -> dict[str, float]:
-    if not rows:
-        return {}
-    w = np.asarray(weights, dtype=float)
-    keys = sorted({k for r in rows for k in r})
-    out = {}
-    for k in keys:
-        vals = np.array([r.get(k, np.nan) for r in rows], dtype=float)
-        ok = np.isfinite(vals)
-        if ok.any():
-            out[f"{prefix}{k}"] = float(np.average(vals[ok], weights=w[ok]))
-    return out
-
-
-def _clip(params: Any, max_norm: float) -> None:
-    if max_norm > 0:
-        nn.utils.clip_grad_norm_(params, max_norm)
-
-
 def _clip_stages(optimizers: dict[str, torch.optim.Optimizer], max_norm: float) -> None:
     """Clip the gradient norm of each optimiser's parameters on their own.
 
@@ -259,7 +122,7 @@ def _clip_stages(optimizers: dict[str, torch.optim.Optimizer], max_norm: float) 
     see the probes.
     """
     for opt in optimizers.values():
-        _clip([p for g in opt.param_groups for p in g["params"]], max_norm)
+        clip_grad([p for g in opt.param_groups for p in g["params"]], max_norm)
 
 
 @dataclass
@@ -275,25 +138,6 @@ class PretrainResult:
     wall_s: float
     resumed_from_epoch: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _config_fingerprint(*parts: Any) -> str:
-    blob = json.dumps(
-        [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def records_fingerprint(records: Sequence[CrystalRecord]) -> str:
-    """Content hash of a list of records (order-sensitive), used to key checkpoints."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(np.ascontiguousarray(r.site_features).tobytes())
-        h.update(np.ascontiguousarray(r.super_coords).tobytes())
-        h.update(np.ascontiguousarray(r.lattice).tobytes())
-    return h.hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -423,7 +267,7 @@ def pretrain_dim(
         "probes": optimizer_cfg.make(objective.probe_parameters(), lr=1e-3),
     }
     train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, seed)
-    val_batches = _batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
+    val_batches = make_batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
     # the random encoder's effective ranks, the reference of the label-free monitors (from
     # the seeded initial weights, so a resumed run computes the same values)
     reference = {
@@ -440,7 +284,7 @@ def pretrain_dim(
         sd = float(targets[known].std()) if known.sum() > 1 else 1.0
         targets = (targets - mu) / (sd or 1.0)
         probe_scale = sd or 1.0
-    fingerprint = _config_fingerprint(
+    fingerprint = config_fingerprint(
         encoder_cfg, dim_cfg, optimizer_cfg, cfg, seed, records_fingerprint(records)
     )
     best: dict[str, Any] = {"epoch": -1, "value": math.inf, "encoder": None}
@@ -487,11 +331,11 @@ def pretrain_dim(
     try:
         for epoch in bar:
             t_epoch = time.perf_counter()
-            gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+            gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
             encoder.train()
             objective.train()
             rows, sizes = [], []
-            for b_idx in _batches(records, train_idx, cfg.batch_sites, _epoch_seed(seed, epoch)):
+            for b_idx in make_batches(records, train_idx, cfg.batch_sites, epoch_seed(seed, epoch)):
                 if len(b_idx) < 2:
                     skipped_single += 1
                     continue  # DIM needs another crystal in the batch for its negatives
@@ -510,7 +354,7 @@ def pretrain_dim(
                     o.step()
                 rows.append({k: float(v) for k, v in out.items() if k != "loss"})
                 sizes.append(len(b_idx))
-            logs = _mean_logs(rows, sizes, "train_")
+            logs = mean_logs(rows, sizes, "train_")
             if val_batches:
                 logs.update(
                     _evaluate_dim(encoder, objective, records, val_batches, targets, seed, device)
@@ -615,7 +459,7 @@ def _evaluate_dim(
 ) -> dict[str, float]:
     encoder.eval()
     objective.eval()
-    gen = torch.Generator().manual_seed(_epoch_seed(seed, -1))
+    gen = torch.Generator().manual_seed(epoch_seed(seed, -1))
     rows, sizes = [], []
     with torch.no_grad():
         for b_idx in batches:
@@ -630,188 +474,4 @@ def _evaluate_dim(
             out = objective(encoder, batch, gen, t)
             rows.append({k: float(v) for k, v in out.items() if k != "loss"})
             sizes.append(len(b_idx))
-    return _mean_logs(rows, sizes, "val_")
-
-
-def finetune(
-    net: SiteNetRegressorNet,
-    records: Sequence[CrystalRecord],
-    y_scaled: np.ndarray,
-    *,
-    cfg: FinetuneConfig,
-    optimizer_cfg: OptimizerConfig,
-    target_scale: float = 1.0,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    callbacks: Sequence[Callback] = (),
-    progress: bool = False,
-) -> tuple[list[dict[str, float]], int]:
-    """Supervised training of ``net`` on standardised targets; restores the best epoch.
-
-    Parameters
-    ----------
-    net
-        Encoder + head; trained in place.
-    records
-        Featurized labelled crystals.
-    y_scaled
-        ``(n,)`` standardised targets.
-    target_scale
-        Standard deviation of the raw targets, to log MAEs in target units.
-    seed, device, callbacks, progress
-        As in :func:`pretrain_dim`.
-
-    Returns
-    -------
-    tuple
-        ``(history, best_epoch)``. Logs hold ``train_loss`` (scaled), ``train_mae`` and
-        ``val_mae`` (target units) and ``val_loss`` (= ``val_mae``, what pruning and early
-        stopping watch).
-    """
-    device = torch.device(device)
-    net.to(device)
-    y = torch.as_tensor(np.asarray(y_scaled, dtype=np.float32))
-    train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, seed + 1)
-    lr = cfg.lr if cfg.lr is not None else optimizer_cfg.lr
-    if cfg.freeze_encoder:
-        params: Any = net.head.parameters()
-        for p in net.encoder.parameters():
-            p.requires_grad_(False)
-    elif cfg.encoder_lr_scale != 1.0:
-        params = [
-            {"params": list(net.head.parameters())},
-            {"params": list(net.encoder.parameters()), "lr": lr * cfg.encoder_lr_scale},
-        ]
-    else:
-        params = net.parameters()
-    opt = optimizer_cfg.make(params, lr=lr)
-    loss_fn = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
-    history: list[dict[str, float]] = []
-    state = TrainingState(
-        "finetune",
-        net,
-        {"finetune": opt},
-        extra={"n_train": len(train_idx), "n_val": len(val_idx), "seed": seed},
-    )
-    cbs = list(callbacks)
-    call_hook(cbs, "on_train_begin", "finetune", state)
-    best = {"epoch": -1, "value": math.inf, "state": None}
-    val_batches = _batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
-    bar = tqdm(range(cfg.epochs), desc="fine-tuning", unit="epoch", disable=not progress)
-    try:
-        for epoch in bar:
-            torch.manual_seed(_epoch_seed(seed, epoch))
-            if not cfg.freeze_encoder and cfg.head_warmup_epochs:
-                warm = epoch < cfg.head_warmup_epochs
-                for p in net.encoder.parameters():
-                    p.requires_grad_(not warm)
-            net.train()
-            tot, abs_err, count = 0.0, 0.0, 0
-            for b_idx in _batches(records, train_idx, cfg.batch_sites, _epoch_seed(seed, epoch)):
-                batch = collate(records, b_idx).to(device)
-                target = y[b_idx].to(device)
-                pred = net(batch)
-                loss = loss_fn(pred, target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                _clip(list(net.parameters()), cfg.grad_clip)
-                opt.step()
-                tot += loss.item() * len(b_idx)
-                abs_err += float((pred.detach() - target).abs().sum())
-                count += len(b_idx)
-            logs = {"train_loss": tot / count, "train_mae": abs_err / count * target_scale}
-            if val_batches:
-                pred = _predict_batches(net, records, val_batches, device)
-                val_mae = (
-                    float(np.abs(pred - y[np.concatenate(val_batches)].numpy()).mean())
-                    * target_scale
-                )
-                logs["val_mae"] = logs["val_loss"] = val_mae
-            monitor = logs.get("val_loss", logs["train_loss"])
-            if monitor < best["value"]:
-                best = {
-                    "epoch": epoch,
-                    "value": monitor,
-                    "state": copy.deepcopy(
-                        {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                    ),
-                }
-            history.append(logs)
-            state.epoch = epoch
-            bar.set_postfix(loss=f"{monitor:.4g}")
-            call_hook(cbs, "on_epoch_end", "finetune", epoch, logs, state)
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
-                break
-    except StopTraining:
-        logger.info("fine-tuning stopped by a callback at epoch %d", state.epoch)
-    except BaseException as exc:
-        call_hook(cbs, "on_exception", "finetune", state, exc)
-        raise
-    finally:
-        if progress and len(history) < cfg.epochs:  # say why the bar stops short
-            bar.set_description(f"fine-tuning stopped early (best epoch {best['epoch']})")
-            bar.refresh()
-        bar.close()
-    if len(history) < cfg.epochs:
-        logger.info(
-            "fine-tuning stopped after %d of %d epochs; best validation epoch %d",
-            len(history), cfg.epochs, best["epoch"],
-        )  # fmt: skip
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
-    for p in net.encoder.parameters():
-        p.requires_grad_(True)
-    call_hook(cbs, "on_train_end", "finetune", state)
-    net.cpu().eval()
-    return history, int(best["epoch"])
-
-
-def _predict_batches(
-    net: SiteNetRegressorNet,
-    records: Sequence[CrystalRecord],
-    batches: list[np.ndarray],
-    device: torch.device,
-) -> np.ndarray:
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for b_idx in batches:
-            out.append(net(collate(records, b_idx).to(device)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def predict(
-    net: SiteNetRegressorNet,
-    records: Sequence[CrystalRecord],
-    batch_sites: int = 1200,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """Predictions ``(n,)`` in the scaled target space, in the order of ``records``."""
-    device = torch.device(device)
-    net.to(device)
-    idx = np.arange(len(records))
-    batches = _batches(records, idx, batch_sites, None)
-    pred = _predict_batches(net, records, batches, device)
-    out = np.empty(len(records), dtype=np.float64)
-    out[np.concatenate(batches)] = pred
-    net.cpu()
-    return out
-
-
-def embed(
-    encoder: SiteNetEncoder,
-    records: Sequence[CrystalRecord],
-    batch_sites: int = 1200,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """Global vectors ``(n, global_dim)`` (means, no sampling), in the order of ``records``."""
-    device = torch.device(device)
-    encoder.to(device).eval()
-    idx = np.arange(len(records))
-    batches = _batches(records, idx, batch_sites, None)
-    out = np.empty((len(records), encoder.cfg.global_dim), dtype=np.float64)
-    with torch.no_grad():
-        for b_idx in batches:
-            out[b_idx] = encoder(collate(records, b_idx).to(device)).global_.cpu().numpy()
-    encoder.cpu()
-    return out
+    return mean_logs(rows, sizes, "val_")

@@ -1,0 +1,279 @@
+"""Supervised fine-tuning of encoder + head, prediction and frozen embeddings.
+
+Early stopping, tracking and pruning reach the loop as callbacks
+(:mod:`matbench_dim.training.callbacks`); batches are seeded by ``(seed, epoch)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matbench_dim.features.featurize import CrystalRecord, collate
+from matbench_dim.model.sitenet import SiteNetEncoder, SiteNetRegressorNet
+from matbench_dim.training.callbacks import Callback, StopTraining, TrainingState, call_hook
+from matbench_dim.training.common import (
+    OptimizerConfig,
+    check_loop,
+    clip_grad,
+    epoch_seed,
+    make_batches,
+    split_train_val,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Supervised fine-tuning settings.
+
+    Attributes
+    ----------
+    epochs
+        Maximum epochs over the labelled set.
+    batch_sites
+        Unique sites per batch (the seed uses 400 for n <= 250).
+    val_fraction
+        Fraction of the labelled set held out for the best-epoch choice and early stopping
+        (at least one crystal when there are 4 or more labels; none below that).
+    patience
+        Epochs without improvement of the validation MAE before stopping (0: never).
+    lr
+        Fine-tuning learning rate (``None``: the optimizer's ``lr``).
+    loss
+        ``"mse"`` (the seed's fine-tuning loss) or ``"l1"``.
+    head_hidden
+        Hidden width of the regression head.
+    freeze_encoder
+        Train only the head (the representation use); the seed found freezing never helped
+        in transfer.
+    grad_clip
+        Maximum gradient norm (0: no clipping).
+    encoder_lr_scale
+        The encoder's learning rate as a fraction of ``lr`` (the head always trains at ``lr``);
+        1 trains the whole network at one rate, as the seed does.
+    head_warmup_epochs
+        Epochs that train only the head, with the encoder frozen, before the whole network is
+        fine-tuned ("linear probing, then fine-tuning"; 0: none).
+    """
+
+    epochs: int = 300
+    batch_sites: int = 400
+    val_fraction: float = 0.2
+    patience: int = 100
+    lr: float | None = 3e-4
+    loss: str = "mse"
+    head_hidden: int = 64
+    freeze_encoder: bool = False
+    grad_clip: float = 10.0
+    encoder_lr_scale: float = 1.0
+    head_warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        check_loop(self, "finetune")
+        if not self.encoder_lr_scale > 0:
+            raise ValueError(f"finetune encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
+        if self.head_warmup_epochs < 0:
+            raise ValueError(
+                f"finetune head_warmup_epochs must be >= 0, got {self.head_warmup_epochs}"
+            )
+        if self.loss not in ("mse", "l1"):
+            raise ValueError(f"finetune loss must be 'mse' or 'l1', got {self.loss!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"finetune lr must be > 0 or None, got {self.lr}")
+        if self.head_hidden < 1:
+            raise ValueError("finetune head_hidden must be >= 1")
+
+
+def finetune(
+    net: SiteNetRegressorNet,
+    records: Sequence[CrystalRecord],
+    y_scaled: np.ndarray,
+    *,
+    cfg: FinetuneConfig,
+    optimizer_cfg: OptimizerConfig,
+    target_scale: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> tuple[list[dict[str, float]], int]:
+    """Supervised training of ``net`` on standardised targets; restores the best epoch.
+
+    Parameters
+    ----------
+    net
+        Encoder + head; trained in place.
+    records
+        Featurized labelled crystals.
+    y_scaled
+        ``(n,)`` standardised targets.
+    target_scale
+        Standard deviation of the raw targets, to log MAEs in target units.
+    seed, device, callbacks, progress
+        As in :func:`pretrain_dim`.
+
+    Returns
+    -------
+    tuple
+        ``(history, best_epoch)``. Logs hold ``train_loss`` (scaled), ``train_mae`` and
+        ``val_mae`` (target units) and ``val_loss`` (= ``val_mae``, what pruning and early
+        stopping watch).
+    """
+    device = torch.device(device)
+    net.to(device)
+    y = torch.as_tensor(np.asarray(y_scaled, dtype=np.float32))
+    train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, seed + 1)
+    lr = cfg.lr if cfg.lr is not None else optimizer_cfg.lr
+    if cfg.freeze_encoder:
+        params: Any = net.head.parameters()
+        for p in net.encoder.parameters():
+            p.requires_grad_(False)
+    elif cfg.encoder_lr_scale != 1.0:
+        params = [
+            {"params": list(net.head.parameters())},
+            {"params": list(net.encoder.parameters()), "lr": lr * cfg.encoder_lr_scale},
+        ]
+    else:
+        params = net.parameters()
+    opt = optimizer_cfg.make(params, lr=lr)
+    loss_fn = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
+    history: list[dict[str, float]] = []
+    state = TrainingState(
+        "finetune",
+        net,
+        {"finetune": opt},
+        extra={"n_train": len(train_idx), "n_val": len(val_idx), "seed": seed},
+    )
+    cbs = list(callbacks)
+    call_hook(cbs, "on_train_begin", "finetune", state)
+    best = {"epoch": -1, "value": math.inf, "state": None}
+    val_batches = make_batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
+    bar = tqdm(range(cfg.epochs), desc="fine-tuning", unit="epoch", disable=not progress)
+    try:
+        for epoch in bar:
+            torch.manual_seed(epoch_seed(seed, epoch))
+            if not cfg.freeze_encoder and cfg.head_warmup_epochs:
+                warm = epoch < cfg.head_warmup_epochs
+                for p in net.encoder.parameters():
+                    p.requires_grad_(not warm)
+            net.train()
+            tot, abs_err, count = 0.0, 0.0, 0
+            for b_idx in make_batches(records, train_idx, cfg.batch_sites, epoch_seed(seed, epoch)):
+                batch = collate(records, b_idx).to(device)
+                target = y[b_idx].to(device)
+                pred = net(batch)
+                loss = loss_fn(pred, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_grad(list(net.parameters()), cfg.grad_clip)
+                opt.step()
+                tot += loss.item() * len(b_idx)
+                abs_err += float((pred.detach() - target).abs().sum())
+                count += len(b_idx)
+            logs = {"train_loss": tot / count, "train_mae": abs_err / count * target_scale}
+            if val_batches:
+                pred = _predict_batches(net, records, val_batches, device)
+                val_mae = (
+                    float(np.abs(pred - y[np.concatenate(val_batches)].numpy()).mean())
+                    * target_scale
+                )
+                logs["val_mae"] = logs["val_loss"] = val_mae
+            monitor = logs.get("val_loss", logs["train_loss"])
+            if monitor < best["value"]:
+                best = {
+                    "epoch": epoch,
+                    "value": monitor,
+                    "state": copy.deepcopy(
+                        {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                    ),
+                }
+            history.append(logs)
+            state.epoch = epoch
+            bar.set_postfix(loss=f"{monitor:.4g}")
+            call_hook(cbs, "on_epoch_end", "finetune", epoch, logs, state)
+            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+                break
+    except StopTraining:
+        logger.info("fine-tuning stopped by a callback at epoch %d", state.epoch)
+    except BaseException as exc:
+        call_hook(cbs, "on_exception", "finetune", state, exc)
+        raise
+    finally:
+        if progress and len(history) < cfg.epochs:  # say why the bar stops short
+            bar.set_description(f"fine-tuning stopped early (best epoch {best['epoch']})")
+            bar.refresh()
+        bar.close()
+    if len(history) < cfg.epochs:
+        logger.info(
+            "fine-tuning stopped after %d of %d epochs; best validation epoch %d",
+            len(history), cfg.epochs, best["epoch"],
+        )  # fmt: skip
+    if best["state"] is not None:
+        net.load_state_dict(best["state"])
+    for p in net.encoder.parameters():
+        p.requires_grad_(True)
+    call_hook(cbs, "on_train_end", "finetune", state)
+    net.cpu().eval()
+    return history, int(best["epoch"])
+
+
+def _predict_batches(
+    net: SiteNetRegressorNet,
+    records: Sequence[CrystalRecord],
+    batches: list[np.ndarray],
+    device: torch.device,
+) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for b_idx in batches:
+            out.append(net(collate(records, b_idx).to(device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def predict(
+    net: SiteNetRegressorNet,
+    records: Sequence[CrystalRecord],
+    batch_sites: int = 1200,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Predictions ``(n,)`` in the scaled target space, in the order of ``records``."""
+    device = torch.device(device)
+    net.to(device)
+    idx = np.arange(len(records))
+    batches = make_batches(records, idx, batch_sites, None)
+    pred = _predict_batches(net, records, batches, device)
+    out = np.empty(len(records), dtype=np.float64)
+    out[np.concatenate(batches)] = pred
+    net.cpu()
+    return out
+
+
+def embed(
+    encoder: SiteNetEncoder,
+    records: Sequence[CrystalRecord],
+    batch_sites: int = 1200,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Global vectors ``(n, global_dim)`` (means, no sampling), in the order of ``records``."""
+    device = torch.device(device)
+    encoder.to(device).eval()
+    idx = np.arange(len(records))
+    batches = make_batches(records, idx, batch_sites, None)
+    out = np.empty((len(records), encoder.cfg.global_dim), dtype=np.float64)
+    with torch.no_grad():
+        for b_idx in batches:
+            out[b_idx] = encoder(collate(records, b_idx).to(device)).global_.cpu().numpy()
+    encoder.cpu()
+    return out
