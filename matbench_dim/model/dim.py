@@ -34,11 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from matbench_dim.model import fused
 from matbench_dim.model.sitenet import (
     ACTIVATIONS,
     EncoderOutput,
     PairInputs,
     SiteNetEncoder,
+    activation_name,
     masked_mean,
     to_padded,
     to_rows,
@@ -160,6 +162,46 @@ class PairView(NamedTuple):
     weights: Tensor
 
 
+class PairRows(NamedTuple):
+    """What the local critic's pair rows are made of, in the row layout.
+
+    The entry ``(r, s)`` of a view is ``[site_rows[idx], distances[r', s]]`` where ``idx`` is
+    ``neighbour_index[r, s]`` or, for borrowed species, ``neighbour_index[src[r], s]``, and
+    ``r'`` is ``r`` or, for borrowed distances, ``src[r]``.
+    """
+
+    site_rows: Tensor
+    """``(R, F)`` (standardised) site features."""
+    neighbour_index: Tensor
+    """``(R, S)`` long."""
+    distances: Tensor
+    """``(R, S)``."""
+    src: Tensor
+    """``(R,)`` long: the row that lends its species and/or distances to row ``r``."""
+
+
+class RowPairView(NamedTuple):
+    """A :class:`PairView` given by its recipe (:class:`PairRows` and what is borrowed).
+
+    :class:`LocalDIMLoss` scores such views without building the ``(R, S, F + 1)`` rows:
+    the critic's first layer is applied to the site features once per site, and views that
+    share species or distances share that work. ``features`` builds the rows on demand.
+    """
+
+    rows: PairRows
+    borrow_species: bool
+    borrow_distances: bool
+    weights: Tensor
+
+    @property
+    def features(self) -> Tensor:
+        """The materialised ``(R, S, F + 1)`` pair rows."""
+        rows = self.rows
+        idx = rows.neighbour_index[rows.src] if self.borrow_species else rows.neighbour_index
+        d = rows.distances[rows.src] if self.borrow_distances else rows.distances
+        return torch.cat([rows.site_rows[idx], d[..., None]], -1)
+
+
 def distance_weights(distances: Tensor, valid: Tensor) -> Tensor:
     """``(d + 1)^-2`` on valid pairs, normalised over the last axis; ``(..., S)``."""
     w = (distances + 1.0).pow(-2) * valid.to(distances.dtype)
@@ -200,6 +242,88 @@ class _DotCritic(nn.Module):
         self.g = projection(n_right, critic_hidden, critic_dim, activation)
 
 
+def critic_scores(
+    site_part: Tensor,
+    index: Tensor,
+    distances: Tensor,
+    w_distance: Tensor,
+    q: Tensor,
+    c: Tensor,
+    activation: str,
+) -> Tensor:
+    """Local critic scores of one view: ``(R, S)`` (the forward kernel of :class:`_CriticView`).
+
+    ``T_rs = <q_r, act(site_part[index_rs] + distances_rs w_distance)> + c_r``, with
+    ``site_part = W_s s + b`` (the site part of ``g``'s first layer, per site) and
+    ``q = W^T f(z)``, ``c = <f(z), b>`` (``g``'s last layer folded into the row side).
+    """
+    x = F.embedding(index, site_part) + distances[..., None] * w_distance
+    return (fused.ACTIVATION_FNS[activation](x) * q[:, None, :]).sum(-1) + c
+
+
+def critic_scores_grad(
+    site_part: Tensor,
+    index: Tensor,
+    distances: Tensor,
+    w_distance: Tensor,
+    q: Tensor,
+    grad: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward kernel of :class:`_CriticView`: recomputes the rows instead of storing them.
+
+    Returns ``(grad_x (R, S, H), grad_q (R, H), grad_w_distance (H,))``; ``grad_x`` is then
+    scattered onto the sites.
+    """
+    x = F.embedding(index, site_part) + distances[..., None] * w_distance
+    a, da = fused.ACTIVATION_GRADS[activation](x)
+    g = grad[..., None]
+    grad_x = g * q[:, None, :] * da
+    grad_q = (g * a).sum(1)
+    grad_w = (grad_x * distances[..., None]).sum((0, 1))
+    return grad_x, grad_q, grad_w
+
+
+_ROWS = {0: (0,), 1: (0, 1), 2: (0, 1), 4: (0,), 5: (0,)}
+_ROWS_GRAD = {0: (0,), 1: (0, 1), 2: (0, 1), 4: (0,), 5: (0, 1)}
+
+
+class _CriticView(torch.autograd.Function):
+    """Compiled :func:`critic_scores` that keeps no ``(R, S, H)`` tensor for backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        site_part: Tensor,
+        index: Tensor,
+        distances: Tensor,
+        w_distance: Tensor,
+        q: Tensor,
+        c: Tensor,
+        activation: str,
+    ) -> Tensor:
+        args = (site_part, index, distances, w_distance, q, c, activation)
+        out = fused.call_compiled("critic_scores", critic_scores, args, _ROWS)
+        if out is None:
+            out = critic_scores(*args)
+        ctx.activation = activation
+        ctx.save_for_backward(site_part, index, distances, w_distance, q)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        site_part, index, distances, w_distance, q = ctx.saved_tensors
+        args = (site_part, index, distances, w_distance, q, grad.contiguous(), ctx.activation)
+        out = fused.call_compiled("critic_scores_grad", critic_scores_grad, args, _ROWS_GRAD)
+        grad_x, grad_q, grad_w = out if out is not None else critic_scores_grad(*args)
+        grad_site = torch.ops.aten.embedding_dense_backward(
+            grad_x, index, site_part.shape[0], -1, False
+        )
+        grad_c = grad.sum(1, keepdim=True)
+        return grad_site, None, None, grad_w, grad_q, grad_c, None
+
+
 class LocalDIMLoss(_DotCritic):
     """Local DIM: site vector ``z_i`` vs its weighted pair rows, against negative rows.
 
@@ -215,13 +339,71 @@ class LocalDIMLoss(_DotCritic):
         (``<f, W a + b> = <W^T f, a> + <f, b>``), so no ``critic_dim``-wide tensor is built
         per pair.
         """
+        return self.all_scores(z, [view])[0]
+
+    def all_scores(self, z: Tensor, views: list[PairView | RowPairView]) -> list[Tensor]:
+        """:meth:`scores` of several views of the same rows, sharing the work they share.
+
+        - ``g``'s last layer is folded into the per-row side, as in :meth:`scores`;
+        - for :class:`RowPairView` s of one :class:`PairRows`, ``g``'s first layer is split
+          into its site part, applied once per site (``W_s s_j + b``, then gathered), and its
+          distance part (``w_d d_ij``), and the view that borrows both species and distances
+          reuses the embedded rows of the view that borrows neither
+          (``hidden_neg[r] = hidden_pos[src[r]]``).
+        """
         fz = self.f(z)  # (R, C)
         first, act, last = self.g[0], self.g[1], self.g[2]
-        hidden = act(first(view.features))  # (R, S, H)
-        return torch.einsum("rh,rsh->rs", fz @ last.weight, hidden) + (fz @ last.bias)[:, None]
+        q = (fz @ last.weight)[:, :, None]  # (R, H, 1)
+        c = (fz @ last.bias)[:, None]  # (R, 1)
+        rows = views[0].rows if isinstance(views[0], RowPairView) else None
+        structured = rows is not None and all(
+            isinstance(v, RowPairView) and v.rows is rows for v in views
+        )
+        if not structured:
+            return [torch.bmm(act(first(v.features)), q)[..., 0] + c for v in views]
+        assert rows is not None
+        site_part = F.linear(rows.site_rows, first.weight[:, :-1], first.bias)  # (R, H)
+        w_d = first.weight[:, -1].contiguous()  # a strided vector would defeat vectorisation
+        idx, d, src = rows.neighbour_index, rows.distances, rows.src
+        act_name = activation_name(act)
+        if act_name is not None and fused.use_fused(site_part, idx.numel() * site_part.shape[-1]):
+            # compiled: one fused pass per view, recomputed in backward (cheaper than storing)
+            out = []
+            for v in views:
+                args = (
+                    site_part,
+                    idx[src] if v.borrow_species else idx,
+                    d[src] if v.borrow_distances else d,
+                    w_d,
+                    q[..., 0],
+                    c,
+                    act_name,
+                )
+                out.append(_CriticView.apply(*args))
+            return out
+        hidden: dict[tuple[bool, bool], Tensor] = {}
+
+        def embedded(borrow_species: bool, borrow_distances: bool) -> Tensor:
+            key = (borrow_species, borrow_distances)
+            if key not in hidden:
+                if key == (True, True):
+                    hidden[key] = embedded(False, False)[src]
+                else:
+                    x = F.embedding(idx[src] if borrow_species else idx, site_part)
+                    dv = d[src] if borrow_distances else d
+                    hidden[key] = act(x.addcmul_(dv[..., None], w_d))
+            return hidden[key]
+
+        return [
+            torch.bmm(embedded(v.borrow_species, v.borrow_distances), q)[..., 0] + c for v in views
+        ]
 
     def forward(
-        self, z: Tensor, positive: PairView, negatives: list[PairView], row_crystal: Tensor
+        self,
+        z: Tensor,
+        positive: PairView | RowPairView,
+        negatives: list[PairView | RowPairView],
+        row_crystal: Tensor,
     ) -> LossOutput:
         """Loss over a batch (mean over each crystal's sites, then over crystals).
 
@@ -236,8 +418,7 @@ class LocalDIMLoss(_DotCritic):
         row_crystal
             ``(R,)`` long, crystal of each row.
         """
-        t_pos = self.scores(z, positive)
-        t_neg = [self.scores(z, v) for v in negatives]
+        t_pos, *t_neg = self.all_scores(z, [positive, *negatives])
         with torch.no_grad():
             acc_pos = (positive.weights * (t_pos > 0)).sum(-1)
             acc_neg = torch.stack(
@@ -417,7 +598,7 @@ def rolled_rows(pairs: PairInputs, shift: int) -> Tensor:
 
 def local_views(
     site_rows: Tensor, pairs: PairInputs, extra_false_samples: bool = True
-) -> tuple[PairView, list[PairView]]:
+) -> tuple[RowPairView, list[RowPairView]]:
     """The positive pair rows and the negative rows of the local DIM.
 
     Parameters
@@ -433,25 +614,21 @@ def local_views(
     Returns
     -------
     tuple
-        ``(positive, negatives)``.
+        ``(positive, negatives)``, as :class:`RowPairView` s of one :class:`PairRows` (their
+        ``features`` give the literal rows).
     """
-    species = site_rows[pairs.neighbour_index]  # (R, S, F)
     d = pairs.distances
     valid = pairs.pair_mask
-    pos = PairView(torch.cat([species, d[..., None]], -1), distance_weights(d, valid))
     src = rolled_rows(pairs, roll_shift(pairs.n_sites.shape[0]))
-    r_species, r_d, r_valid = species[src], d[src], valid[src]
-    negatives = [
-        PairView(torch.cat([r_species, r_d[..., None]], -1), distance_weights(r_d, r_valid))
-    ]
+    rows = PairRows(site_rows, pairs.neighbour_index, d, src)
+    pos_weights = distance_weights(d, valid)
+    pos = RowPairView(rows, False, False, pos_weights)
+    # the whole row of another site: its weights are that row's own
+    negatives = [RowPairView(rows, True, True, pos_weights[src])]
     if extra_false_samples:
-        both = valid & r_valid
-        negatives.append(
-            PairView(torch.cat([species, r_d[..., None]], -1), distance_weights(r_d, both))
-        )
-        negatives.append(
-            PairView(torch.cat([r_species, d[..., None]], -1), distance_weights(d, both))
-        )
+        both = valid & valid[src]
+        negatives.append(RowPairView(rows, False, True, distance_weights(d[src], both)))
+        negatives.append(RowPairView(rows, True, False, distance_weights(d, both)))
     return pos, negatives
 
 
@@ -460,6 +637,7 @@ def engineered_false_locals(
     batch: Any,
     pairs: PairInputs,
     generator: torch.Generator | None = None,
+    pair_terms: list[Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """The seed's "extra false samples": local vectors of corrupted crystals (no gradient).
 
@@ -470,6 +648,11 @@ def engineered_false_locals(
     2. right composition, wrong structure: ``r``'s geometry with ``b``'s species;
     3. permuted interactions: ``b``'s own sites with the columns ``j`` shuffled, so each
        neighbour appears at another neighbour's distance.
+
+    All three keep the batch's distances in place, so without the Coulomb pair term (which
+    depends on the species) they share the pair embedding of the geometry: ``pair_terms``
+    (``EncoderOutput.pair_terms`` of the encoder's pass on this batch) when given, otherwise
+    computed once here.
 
     Returns
     -------
@@ -485,14 +668,18 @@ def engineered_false_locals(
     geometry = (pairs.neighbour_index, pairs.distances, pairs.pair_mask)
     out: list[tuple[Tensor, Tensor]] = []
     with torch.no_grad():
+        if encoder.cfg.coulomb:
+            pair_terms = None
+        elif pair_terms is None:
+            pair_terms = local.pair_terms(pairs.distances)
         # 1. r's species on b's geometry
         src = rolled_rows(pairs, shift)
-        mu, _ = local(site_rows[src], *geometry, z_rows[src])
+        mu, _ = local(site_rows[src], *geometry, z_rows[src], pair_terms)
         out.append((to_padded(mu, site_mask), site_mask))
         # 2. b's species on r's geometry: rows of crystal c take the species of c - shift,
         #    and the result is paired with G of crystal c - shift, i.e. b's row of r = b + shift
         src = rolled_rows(pairs, -shift)
-        mu, _ = local(site_rows[src], *geometry, z_rows[src])
+        mu, _ = local(site_rows[src], *geometry, z_rows[src], pair_terms)
         rolled = (torch.arange(n, device=site_mask.device) + shift) % n
         out.append((to_padded(mu, site_mask)[rolled], site_mask[rolled]))
         # 3. columns shuffled within each crystal's real supercell sites
@@ -500,7 +687,7 @@ def engineered_false_locals(
         keys = keys.masked_fill(~batch.super_mask, 2.0)
         image_perm = torch.gather(batch.image_of, 1, keys.argsort(dim=1))
         index = pairs.offsets[pairs.row_crystal][:, None] + image_perm[pairs.row_crystal]
-        mu, _ = local(site_rows, index, pairs.distances, pairs.pair_mask, z_rows)
+        mu, _ = local(site_rows, index, pairs.distances, pairs.pair_mask, z_rows, pair_terms)
         out.append((to_padded(mu, site_mask), site_mask))
     return out
 
@@ -616,7 +803,7 @@ class DIMObjective(nn.Module):
         local = self.local_loss(out.local[mask], pos, negs, out.pairs.row_crystal)
         kl_local = self.kl(out.local_mu, out.local_logvar, mask)
         false_locals = (
-            engineered_false_locals(encoder, batch, out.pairs, generator)
+            engineered_false_locals(encoder, batch, out.pairs, generator, out.pair_terms)
             if cfg.extra_false_samples
             else []
         )

@@ -25,11 +25,22 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from matbench_dim.model import fused
 from matbench_dim.model.geometry import coulomb_features, minimum_image_distances
 
 N_SITE_FEATURES = 8
-ACTIVATIONS: dict[str, type[nn.Module]] = {"mish": nn.Mish, "silu": nn.SiLU}
+
+
+class Mish(nn.Mish):
+    """:class:`torch.nn.Mish` with the fused CPU kernels of :mod:`matbench_dim.model.fused`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return fused.mish(input)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"mish": Mish, "silu": nn.SiLU}
 
 
 @dataclass(frozen=True)
@@ -190,11 +201,20 @@ class AttentionBlock(nn.Module):
     """One Site-Net attention block, in the row layout.
 
     Each unique site ``i`` attends over all supercell sites ``j``. The bond feature
-    ``[h_i, h_image(j), e_ij]`` feeds two MLPs: one attention logit per head, and the values;
-    padding columns get ``-inf`` logits. The first (linear) layer of both MLPs is applied to
-    the three parts separately (``W [a, b, c] = W_a a + W_b b + W_c c``), so the per-site
-    parts are computed once per site instead of once per pair: same function, a fraction of
-    the cost.
+    ``[h_i, h_image(j), e_ij]`` feeds two MLPs (``Linear -> act -> LayerNorm -> Linear``): one
+    attention logit per head, and the values; padding columns get ``-inf`` logits. The
+    computation is rearranged without changing the function:
+
+    - the first (linear) layer of both MLPs is applied to the three parts separately
+      (``W [a, b, c] = W_a a + W_b b + W_c c``), so the per-site parts are computed once per
+      site; the pair part ``W_c e_ij`` (:meth:`project_pair`) depends on the geometry only, so
+      passes over the same geometry with other species (DIM's engineered negatives) reuse it;
+    - the LayerNorms' affine maps are folded into the next linear layers, so both halves are
+      normalised by one call;
+    - the attention weights sum to one over ``j``, so the values' last linear layer is
+      applied after the weighted sum (``sum_j w_ij (V n_ij + b) = V sum_j w_ij n_ij + b``):
+      once per site instead of once per pair. (With dropout on the values in training, the
+      per-pair form is kept.)
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -216,8 +236,17 @@ class AttentionBlock(nn.Module):
             [cfg.site_dim, cfg.site_dim], last_activation=True, activation=cfg.activation
         )
 
+    def project_pair(self, pair: Tensor) -> Tensor:
+        """The pair part ``W_c e_ij`` of the bond MLPs' first layer: ``(R, S, 2 hidden)``."""
+        return self.w_pair(pair)
+
     def forward(
-        self, h: Tensor, neighbour_index: Tensor, pair: Tensor, pair_mask: Tensor
+        self,
+        h: Tensor,
+        neighbour_index: Tensor,
+        pair: Tensor | None,
+        pair_mask: Tensor,
+        projected_pair: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Update the unique sites.
 
@@ -228,20 +257,83 @@ class AttentionBlock(nn.Module):
         neighbour_index
             ``(R, S)`` long: row shown in each column.
         pair
-            ``(R, S, E)`` pair embeddings.
+            ``(R, S, E)`` pair embeddings (may be None when ``projected_pair`` is given).
         pair_mask
             ``(R, S)`` bool, True for real pairs.
+        projected_pair
+            :meth:`project_pair` of ``pair``, when already computed.
 
         Returns
         -------
         tuple
             The new ``(R, D)`` site vectors and the ``(R, S, heads)`` attention weights.
         """
+        r = neighbour_index.shape[0]
+        if projected_pair is None:
+            if pair is None:
+                raise ValueError("AttentionBlock needs pair or projected_pair")
+            projected_pair = self.project_pair(pair)
+        eps = self.norm_logits.eps
+        if eps != self.norm_values.eps or (self.training and self.dropout.p > 0):
+            return self._per_pair_values(h, neighbour_index, projected_pair, pair_mask)
+        # LayerNorm affine maps folded into the logits layer (and, below, the values layer)
+        wl = self.logits.weight * self.norm_logits.weight
+        bl = self.logits.bias + self.logits.weight @ self.norm_logits.bias
+        args = (self.w_neighbour(h), self.w_site(h), projected_pair, neighbour_index, pair_mask)
+        core = None
+        act = activation_name(self.act)
+        if act is not None and fused.use_fused(projected_pair):
+            dynamic = {0: (0,), 1: (0,), 2: (0, 1), 3: (0, 1), 4: (0, 1)}
+            core = fused.call_compiled(
+                "attention_core", attention_core, (*args, wl, bl, eps, act), dynamic
+            )
+        if core is None:
+            core = self._core_eager(*args, wl, bl, eps)
+        weights, pooled = core  # (R, S, heads), (R, heads, hidden)
+        # gamma and beta of the values' LayerNorm, then the values layer, once per site
+        pooled = torch.addcmul(self.norm_values.bias, pooled, self.norm_values.weight)
+        values = self.values(pooled)  # (R, heads, D)
+        if self.heads == 1:
+            x = values[:, 0, :]
+        else:  # head k keeps its own slice of the values
+            per_head = values.view(r, self.heads, self.heads, self.head_dim)
+            x = per_head.diagonal(dim1=1, dim2=2).transpose(1, 2).reshape(r, -1)
+        return self.out(x), weights
+
+    def _core_eager(
+        self,
+        neighbour_part: Tensor,
+        site_part: Tensor,
+        pair_part: Tensor,
+        neighbour_index: Tensor,
+        pair_mask: Tensor,
+        w_logits: Tensor,
+        b_logits: Tensor,
+        eps: float,
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`attention_core` in eager mode, with fewer passes over memory.
+
+        Gather then in-place adds; the logits and the pooling read the whole normalised
+        tensor (zero weights on the other half), so that their gradients are dense tensors
+        rather than zero-filled slices.
+        """
         r, s = neighbour_index.shape
-        hidden = (
-            self.w_site(h)[:, None, :] + self.w_neighbour(h)[neighbour_index] + self.w_pair(pair)
-        )
-        hidden = self.act(hidden)
+        a = self.hidden
+        hidden = F.embedding(neighbour_index, neighbour_part)
+        hidden = self.act(hidden.add_(pair_part).add_(site_part[:, None, :]))
+        normed = F.layer_norm(hidden.view(r, s, 2, a), (a,), eps=eps).view(r, s, 2 * a)
+        logits = F.linear(normed, F.pad(w_logits, (0, a)), b_logits)
+        weights = torch.softmax(logits.masked_fill(~pair_mask[..., None], float("-inf")), dim=1)
+        pooled = torch.bmm(weights.transpose(1, 2), normed)[..., a:]
+        return weights, pooled
+
+    def _per_pair_values(
+        self, h: Tensor, neighbour_index: Tensor, projected_pair: Tensor, pair_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The literal form (values per pair): dropout on the values in training."""
+        r, s = pair_mask.shape
+        hidden = F.embedding(neighbour_index, self.w_neighbour(h))
+        hidden = self.act(hidden.add_(projected_pair).add_(self.w_site(h)[:, None, :]))
         hl, hv = hidden.split(self.hidden, dim=-1)
         logits = self.logits(self.norm_logits(hl)).masked_fill(~pair_mask[..., None], float("-inf"))
         weights = torch.softmax(logits, dim=1)
@@ -250,6 +342,43 @@ class AttentionBlock(nn.Module):
         )
         x = (weights[..., None] * values).sum(dim=1).reshape(r, -1)
         return self.out(x), weights
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The :data:`ACTIVATIONS` name of an activation module (None for anything else)."""
+    for name, cls in ACTIVATIONS.items():
+        if type(module) is cls:
+            return name
+    return None
+
+
+def attention_core(
+    neighbour_part: Tensor,
+    site_part: Tensor,
+    pair_part: Tensor,
+    neighbour_index: Tensor,
+    pair_mask: Tensor,
+    w_logits: Tensor,
+    b_logits: Tensor,
+    eps: float,
+    activation: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-pair part of an attention block, written for :func:`torch.compile`.
+
+    ``hidden_ij = act(W_n h_j + W_c e_ij + W_s h_i)``, normalised (no affine) in two halves;
+    logits from the first half (``w_logits``, ``b_logits``: the logits layer with the
+    LayerNorm's affine map folded in), masked softmax over ``j``, and the attention-weighted
+    sum of the second half. Returns ``weights (R, S, heads)`` and ``pooled (R, heads, hidden)``.
+    """
+    r, s = neighbour_index.shape
+    a = pair_part.shape[-1] // 2
+    hidden = F.embedding(neighbour_index, neighbour_part) + pair_part + site_part[:, None, :]
+    hidden = fused.ACTIVATION_FNS[activation](hidden)
+    normed = F.layer_norm(hidden.view(r, s, 2, a), (a,), eps=eps)
+    logits = F.linear(normed[:, :, 0, :], w_logits, b_logits)
+    weights = torch.softmax(logits.masked_fill(~pair_mask[..., None], float("-inf")), dim=1)
+    pooled = torch.bmm(weights.transpose(1, 2), normed[:, :, 1, :])
+    return weights, pooled
 
 
 class LocalEncoder(nn.Module):
@@ -299,6 +428,71 @@ class LocalEncoder(nn.Module):
             feats = torch.cat([feats, coulomb_features(z_i, z_j, distances)[..., None]], dim=-1)
         return feats
 
+    def embed_pairs(self, raw: Tensor) -> Tensor:
+        """Pair embedding ``(R, S, pair_dim)`` of the raw pair features ``(R, S, pair_inputs)``.
+
+        A one-feature input (the raw distance) goes through ``addcmul`` instead of a
+        one-column matrix product (same numbers, one pass over memory).
+        """
+        first = self.pair_embed[0]
+        if first.in_features != 1:
+            return self.pair_embed(raw)
+        act, norm = self.pair_embed[1], self.pair_embed[2]
+        name = activation_name(act)
+        if name is not None and fused.use_fused(raw, raw.numel() * first.out_features):
+            args = (raw, first.weight[:, 0], first.bias, norm.weight, norm.bias, norm.eps, name)
+            out = fused.call_compiled("pair_embedding", pair_embedding, args, {0: (0, 1)})
+            if out is not None:
+                return out
+        x = torch.addcmul(first.bias, raw, first.weight[:, 0])
+        for layer in self.pair_embed[1:]:
+            x = layer(x)
+        return x
+
+    def pair_terms(
+        self,
+        distances: Tensor,
+        neighbour_index: Tensor | None = None,
+        atomic_numbers: Tensor | None = None,
+    ) -> list[Tensor]:
+        """Each block's projected pair embedding (:meth:`AttentionBlock.project_pair`).
+
+        They depend on the geometry only (and, with the Coulomb term, on the species of both
+        ends: ``neighbour_index`` and ``atomic_numbers`` are then needed), so passes that change
+        the species but keep the distances can reuse them (see :meth:`encode`).
+        """
+        z_i = z_j = None
+        if self.cfg.coulomb:
+            if atomic_numbers is None or neighbour_index is None:
+                raise ValueError("coulomb pair features need atomic numbers")
+            z = atomic_numbers.to(distances.dtype)
+            z_i = z[:, None].expand_as(distances)
+            z_j = z[neighbour_index]
+        e = self.embed_pairs(self.pair_features(distances, z_i, z_j))
+        return [block.project_pair(e) for block in self.blocks]
+
+    def encode(
+        self,
+        site_features: Tensor,
+        neighbour_index: Tensor,
+        distances: Tensor,
+        pair_mask: Tensor,
+        atomic_numbers: Tensor | None = None,
+        pair_terms: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """:meth:`forward`, also returning the pair terms it used (see :meth:`pair_terms`).
+
+        ``pair_terms`` given by the caller must come from the same distances (and, with the
+        Coulomb term, the same species at both ends); they are used as they are.
+        """
+        h = self.site_embed(self.standardise(site_features))
+        if pair_terms is None:
+            pair_terms = self.pair_terms(distances, neighbour_index, atomic_numbers)
+        for k, (block, projected) in enumerate(zip(self.blocks, pair_terms, strict=True)):
+            update, _ = block(h, neighbour_index, None, pair_mask, projected)
+            h = update if k == 0 else h + update
+        return self.mu(h), self.logvar(h), pair_terms
+
     def forward(
         self,
         site_features: Tensor,
@@ -306,6 +500,7 @@ class LocalEncoder(nn.Module):
         distances: Tensor,
         pair_mask: Tensor,
         atomic_numbers: Tensor | None = None,
+        pair_terms: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode every unique site (rows).
 
@@ -322,25 +517,32 @@ class LocalEncoder(nn.Module):
             ``(R, S)`` bool.
         atomic_numbers
             ``(R,)`` long, needed only when the Coulomb pair term is on.
+        pair_terms
+            Precomputed :meth:`pair_terms` of the same geometry (optional).
 
         Returns
         -------
         tuple
             ``(mu, logvar)``, each ``(R, local_dim)``.
         """
-        h = self.site_embed(self.standardise(site_features))
-        z_i = z_j = None
-        if self.cfg.coulomb:
-            if atomic_numbers is None:
-                raise ValueError("coulomb pair features need atomic numbers")
-            z = atomic_numbers.to(distances.dtype)
-            z_i = z[:, None].expand_as(distances)
-            z_j = z[neighbour_index]
-        e = self.pair_embed(self.pair_features(distances, z_i, z_j))
-        for k, block in enumerate(self.blocks):
-            update, _ = block(h, neighbour_index, e, pair_mask)
-            h = update if k == 0 else h + update
-        return self.mu(h), self.logvar(h)
+        mu, logvar, _ = self.encode(
+            site_features, neighbour_index, distances, pair_mask, atomic_numbers, pair_terms
+        )
+        return mu, logvar
+
+
+def pair_embedding(
+    raw: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    eps: float,
+    activation: str,
+) -> Tensor:
+    """``LayerNorm(act(raw * weight + bias))`` for a one-feature ``raw (R, S, 1)`` (compiled)."""
+    x = fused.ACTIVATION_FNS[activation](raw * weight + bias)
+    return F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
 
 
 def _site_feature_stats(n_features: int) -> tuple[Tensor, Tensor]:
@@ -390,6 +592,9 @@ class EncoderOutput(NamedTuple):
     site_mask: Tensor
     """``(B, P)`` bool."""
     pairs: PairInputs
+    pair_terms: list[Tensor] | None = None
+    """Detached per-block pair terms of the local pass (:meth:`LocalEncoder.pair_terms`),
+    for no-grad passes over the same geometry (DIM's engineered negatives)."""
 
 
 def reparametrise(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -442,7 +647,7 @@ class SiteNetEncoder(nn.Module):
         """
         pairs = pairs if pairs is not None else pair_inputs(batch)
         site_mask = batch.prim_mask
-        mu_rows, logvar_rows = self.local(
+        mu_rows, logvar_rows, pair_terms = self.local.encode(
             to_rows(batch.site_features, site_mask),
             pairs.neighbour_index,
             pairs.distances,
@@ -456,7 +661,8 @@ class SiteNetEncoder(nn.Module):
         # is only for the local critic, so G never learns from, or on, the local noise
         g_mu, g_logvar = self.global_(mu.detach() if detach_local else mu, site_mask)
         g = reparametrise(g_mu, g_logvar, generator) if sample else g_mu
-        return EncoderOutput(z, mu, logvar, g, g_mu, g_logvar, site_mask, pairs)
+        pair_terms = [t.detach() for t in pair_terms] if pair_terms is not None else None
+        return EncoderOutput(z, mu, logvar, g, g_mu, g_logvar, site_mask, pairs, pair_terms)
 
 
 class SiteNetRegressorNet(nn.Module):

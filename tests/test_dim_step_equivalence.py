@@ -1,0 +1,134 @@
+"""The optimised DIM step equals the frozen reference implementation (losses and gradients).
+
+``benchmarks/reference_dim_step.py`` holds a literal copy of the encoder and critic internals
+as they were before the speed work (per-pair values, materialised pair rows, three full
+local passes for the engineered negatives, ATen's mish); ``reference_internals()`` swaps it
+in, so both run on the same modules, parameters, batches and random draws. Compared:
+
+- float64, several configurations (estimators, heads, blocks, Coulomb term, distance
+  expansion, with/without engineered negatives): the algebra, to ~1e-10;
+- float32, the seed configuration, with the compiled kernels forced on
+  (``MATBENCH_DIM_COMPILE=1``): the fast path, to float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from matbench_dim.featurize import batch_indices, collate, featurize
+from matbench_dim.model import fused
+from matbench_dim.model.dim import DIMConfig, DIMObjective, local_views
+from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, pair_inputs, to_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_dim_step import reference_internals, reference_local_views
+
+
+@pytest.fixture(scope="module")
+def batches(jdft2d_df):
+    """Two fixed batches of real 2D crystals (mixed sizes, so rows and columns are padded)."""
+    records = featurize(list(jdft2d_df["structure"].iloc[:80]), progress=False)
+    groups = batch_indices([r.n_prim for r in records], 150, shuffle=True, seed=3)
+    groups = [g for g in groups if len(g) > 2][:2]
+    return [collate(records, g) for g in groups]
+
+
+def _cast(batch, dtype):
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).to(dtype)
+            for f in dataclasses.fields(batch)
+            if getattr(batch, f.name).is_floating_point()
+        },
+    )
+
+
+def _step(encoder, objective, batch, seed):
+    params = list(encoder.named_parameters()) + [
+        (f"objective.{n}", p) for n, p in objective.named_parameters()
+    ]
+    for _, p in params:
+        p.grad = None
+    out = objective(encoder, batch, torch.Generator().manual_seed(seed))
+    out["loss"].backward()
+    grads = {n: p.grad.clone() if p.grad is not None else None for n, p in params}
+    return {k: v.detach().clone() for k, v in out.items()}, grads
+
+
+def _compare(encoder, objective, batch, seed, loss_tol, grad_rtol):
+    new_out, new_grads = _step(encoder, objective, batch, seed)
+    with reference_internals():
+        ref_out, ref_grads = _step(encoder, objective, batch, seed)
+    assert set(new_out) == set(ref_out)
+    for k in ref_out:
+        torch.testing.assert_close(new_out[k], ref_out[k], rtol=loss_tol, atol=loss_tol, msg=k)
+    assert set(new_grads) == set(ref_grads)
+    # gradients that are zero in exact arithmetic (softmax shifts) are rounding noise: the
+    # absolute tolerance scales with the largest gradient of the model
+    scale = max(g.abs().max().item() for g in ref_grads.values() if g is not None)
+    for name, ref in ref_grads.items():
+        new = new_grads[name]
+        assert (new is None) == (ref is None), name
+        if ref is None:
+            continue
+        torch.testing.assert_close(new, ref, rtol=grad_rtol, atol=grad_rtol * scale, msg=name)
+
+
+CONFIGS = [
+    pytest.param({}, {}, id="seed-jsd"),
+    pytest.param({}, {"estimator": "infonce"}, id="seed-infonce"),
+    pytest.param({"heads": 2, "blocks": 2}, {}, id="heads2-blocks2"),
+    pytest.param({"coulomb": True, "distance_expansion": 6}, {}, id="coulomb-rbf"),
+    pytest.param({"activation": "silu"}, {"extra_false_samples": False}, id="silu-no-extra"),
+]
+
+
+@pytest.mark.parametrize(("enc_kw", "dim_kw"), CONFIGS)
+def test_step_equals_reference_in_float64(batches, enc_kw, dim_kw):
+    small = {"site_dim": 16, "pair_dim": 16, "attention_hidden": 16, "local_dim": 8}
+    cfg = EncoderConfig(**{**small, "global_hidden": 16, "global_dim": 8, **enc_kw})
+    torch.manual_seed(0)
+    encoder = SiteNetEncoder(cfg).double()
+    objective = DIMObjective(DIMConfig(critic_dim=16, critic_hidden=16, **dim_kw), cfg).double()
+    for k, batch in enumerate(batches):
+        _compare(encoder, objective, _cast(batch, torch.float64), k, 1e-10, 1e-8)
+
+
+def test_step_equals_reference_in_float32_with_compiled_kernels(batches, monkeypatch):
+    monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    cfg = EncoderConfig()  # the seed's widths and mish
+    torch.manual_seed(0)
+    encoder = SiteNetEncoder(cfg)
+    objective = DIMObjective(DIMConfig(), cfg)
+    for k, batch in enumerate(batches):
+        _compare(encoder, objective, batch, k, 2e-5, 2e-3)
+    assert not fused._STATE["failed"], "compiled kernels were not used"
+
+
+def test_fused_mish_matches_aten(monkeypatch):
+    monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    x = torch.cat([torch.linspace(-60, 60, 4001), torch.tensor([0.0, -1e-30, 25.0, -25.0])])
+    x = x.reshape(-1, 5).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    fused.mish(x).backward(g)
+    torch.nn.functional.mish(ref).backward(g)
+    torch.testing.assert_close(fused.mish(x), torch.nn.functional.mish(ref), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=2e-5, atol=1e-6)
+
+
+def test_row_views_materialise_to_the_reference_rows(batches):
+    batch = batches[0]
+    pairs = pair_inputs(batch)
+    site_rows = to_rows(batch.site_features, batch.prim_mask)
+    pos, negs = local_views(site_rows, pairs, True)
+    ref_pos, ref_negs = reference_local_views(site_rows, pairs, True)
+    for new, ref in zip([pos, *negs], [ref_pos, *ref_negs], strict=True):
+        torch.testing.assert_close(new.features, ref.features, rtol=0, atol=0)
+        torch.testing.assert_close(new.weights, ref.weights, rtol=0, atol=0)
