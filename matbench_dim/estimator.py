@@ -30,7 +30,12 @@ from sklearn.utils.validation import check_is_fitted
 from matbench_dim.features.featurize import CrystalRecord, FeaturizerConfig, featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
-from matbench_dim.runtime import configure_threads, resolve_device, seed_everything
+from matbench_dim.runtime import (
+    configure_allocator,
+    configure_threads,
+    resolve_device,
+    seed_everything,
+)
 from matbench_dim.training.callbacks import Callback, EarlyStopping
 from matbench_dim.training.common import OptimizerConfig
 from matbench_dim.training.finetune import FinetuneConfig, embed, finetune, predict
@@ -157,6 +162,7 @@ class _DIMParamsMixin:
 
     def _setup(self) -> torch.device:
         configure_threads(None)
+        configure_allocator()
         seed_everything(int(self.random_state))
         return resolve_device(self.device)
 

@@ -81,7 +81,10 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
     threads: Annotated[
         int | None,
-        typer.Option(help="Torch threads (default: $MATBENCH_DIM_NUM_THREADS or torch's)."),
+        typer.Option(
+            help="Torch threads (default: $MATBENCH_DIM_NUM_THREADS, else 1 on machines with "
+            "at most 2 CPUs, else torch's one per core)."
+        ),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
@@ -95,9 +98,10 @@ def _main(
     )
     if ctx.invoked_subcommand in NO_TORCH_COMMANDS:
         return  # torch takes about a second to import: only commands that train load it
-    from matbench_dim.runtime import configure_threads
+    from matbench_dim.runtime import configure_allocator, configure_threads
 
     configure_threads(threads)
+    configure_allocator()
 
 
 # --------------------------------------------------------------------------- run
