@@ -1,24 +1,41 @@
-"""Forward + backward throughput of the Site-Net encoder and of a DIM step on CPU.
+"""Throughput of a supervised step and of a DIM pretraining step on CPU, against their floor.
 
-Prints crystals/s for (a) a supervised step (encoder + head, MSE) and (b) a full DIM
-pretraining step (local + global stage, engineered negatives), at N = 50 supercells and
-batches of about 1,200 unique sites, plus peak memory (ru_maxrss). Real structures: the
-perovskite subset in ../shared/data when present (else the shipped matbench_jdft2d).
+For each step (forward, backward, AdamW): crystals/s, MFLOP per crystal (matrix products,
+counted by ``torch.utils.flop_counter.FlopCounterMode`` on the eager form of the same
+computation), the achieved GFLOP/s, the rate of a plain ``60000x64 @ 64x64`` product measured
+in the same process between the steps, and the ratio of the step's time to its FLOP floor
+(its FLOPs at that matmul rate). The frozen pre-optimisation implementation
+(``reference_dim_step.py``) runs side by side on the same batches, interleaved with the new
+one, so that machine load hits both alike; the speed-up is the ratio of their times. The
+reference runs with glibc's default malloc settings, as before this work; the new code runs
+with ``runtime.configure_allocator`` (as the estimator and the CLI do) and also without it.
 
-    python benchmarks/bench_encoder.py [--threads 1] [--activation mish] [--batches 6]
+Real structures: the perovskite subset in ../shared/data when present (5 unique and 40
+supercell sites each), else the shipped matbench_jdft2d; N = 50 supercells, batches of about
+1,200 unique sites, the seed's widths.
+
+    python benchmarks/bench_encoder.py [--threads 1] [--activation mish] [--batches 4]
+
+The last line reads ``DIM step: <N> crystals/s, <R>x its FLOP floor``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import resource
+import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from matbench_dim.features.featurize import batch_indices, collate, featurize
+from matbench_dim.model import fused
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import (
     EncoderConfig,
@@ -26,6 +43,10 @@ from matbench_dim.model.sitenet import (
     SiteNetRegressorNet,
     count_parameters,
 )
+from matbench_dim.runtime import configure_allocator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_dim_step import reference_internals
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -44,15 +65,62 @@ def load_structures(limit: int) -> tuple[str, list]:
     return "matbench_jdft2d", list(df["structure"].iloc[:limit])
 
 
+def matmul_rate(repeats: int = 10) -> float:
+    """GFLOP/s of ``(60000, 64) @ (64, 64)`` products (best of ``repeats``)."""
+    a, b = torch.randn(60000, 64), torch.randn(64, 64)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 60000 * 64 * 64 / best / 1e9
+
+
+def _glibc_malloc(tuned: bool) -> None:
+    """Switch glibc's malloc between the tuned settings and its defaults (benchmark only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
+    if tuned:
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    else:
+        libc.mallopt(m_mmap_max, 65536)
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.mallopt(m_top_pad, 0)
+        libc.malloc_trim(0)
+
+
+def count_flops(step: Callable[[object], None], batch: object) -> int:
+    """Matrix-product FLOPs of ``step(batch)``, on the eager form (compiled kernels off)."""
+    old = os.environ.get(fused.COMPILE_ENV)
+    os.environ[fused.COMPILE_ENV] = "0"
+    try:
+        with FlopCounterMode(display=False) as fc:
+            step(batch)
+    finally:
+        if old is None:
+            del os.environ[fused.COMPILE_ENV]
+        else:
+            os.environ[fused.COMPILE_ENV] = old
+    return fc.get_total_flops()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--activation", default="mish", choices=["mish", "silu"])
-    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved passes over the batches")
     ap.add_argument("--batch-sites", type=int, default=1200)
-    ap.add_argument("--structures", type=int, default=3000)
+    ap.add_argument("--structures", type=int, default=1500)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    configure_allocator()
     name, structures = load_structures(args.structures)
     records = featurize(structures, progress=False)
     groups = batch_indices([r.n_prim for r in records], args.batch_sites, shuffle=True, seed=0)
@@ -69,42 +137,91 @@ def main() -> None:
     print(
         f"data: {name}, {len(batches)} batches, {n_crystals} crystals, {n_sites} unique sites, "
         f"{n_pairs} pairs ({n_pairs / n_crystals:.0f} per crystal); threads={args.threads}, "
-        f"activation={args.activation}"
+        f"activation={args.activation}; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(
         f"parameters: encoder {count_parameters(encoder)}, DIM critics/probes "
         f"{count_parameters(objective)}"
     )
     opt = torch.optim.AdamW(list(net.parameters()) + list(objective.parameters()), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
 
-    def supervised(batch):
+    def supervised(batch: object) -> None:
         loss = net(batch).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    gen = torch.Generator().manual_seed(0)
-
-    def dim_step(batch):
+    def dim_step(batch: object) -> None:
         out = objective(encoder, batch, gen)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
 
-    for label, step in (("supervised step", supervised), ("DIM pretraining step", dim_step)):
-        step(batches[0])  # warm-up
-        times = []
-        for b in batches:
-            t0 = time.perf_counter()
-            step(b)
-            times.append(time.perf_counter() - t0)
-        total = sum(times)
+    variants = ("reference", "new, default malloc", "new")
+    summary: dict[str, tuple[float, float]] = {}
+    for label, step in (("supervised step", supervised), ("DIM step", dim_step)):
+        flops = {"new": sum(count_flops(step, b) for b in batches)}
+        with reference_internals():
+            flops["reference"] = sum(count_flops(step, b) for b in batches)
+        # warm-up: compiles the new kernels (timed), fills the caches
+        c0 = fused.compile_seconds()
+        t0 = time.perf_counter()
+        step(batches[0])
+        step(batches[-1])
+        warm = time.perf_counter() - t0
+        compile_s = fused.compile_seconds() - c0
+        with reference_internals():
+            step(batches[0])
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        rates = []
+        for _ in range(args.repeats):
+            rates.append(matmul_rate())
+            elapsed = dict.fromkeys(variants, 0.0)
+            for b in batches:
+                for v in variants:
+                    _glibc_malloc(tuned=v == "new")
+                    if v == "reference":
+                        with reference_internals():
+                            t0 = time.perf_counter()
+                            step(b)
+                    else:
+                        t0 = time.perf_counter()
+                        step(b)
+                    elapsed[v] += time.perf_counter() - t0
+            for v in variants:
+                times[v].append(elapsed[v])
+        _glibc_malloc(tuned=True)
+        rate = statistics.median(rates)
         print(
-            f"{label:22s} {n_crystals / total:8.1f} crystals/s  {n_sites / total:8.0f} sites/s  "
-            f"{np.mean(times):.3f} s per ~{args.batch_sites}-site batch"
+            f"\n{label}: warm-up {warm:.1f} s (of which compiling {compile_s:.1f} s); "
+            f"matmul rate {rate:.1f} GFLOP/s (median of {args.repeats})"
         )
+        for v in variants:
+            t = statistics.median(times[v])
+            f = flops["reference" if v == "reference" else "new"]
+            floor = f / (rate * 1e9)
+            print(
+                f"  {v:20s} {n_crystals / t:8.1f} crystals/s  {f / n_crystals / 1e6:6.2f} "
+                f"MFLOP/crystal  {f / t / 1e9:5.1f} GFLOP/s  {t / floor:5.1f}x its FLOP floor  "
+                f"{t / len(batches):.3f} s/batch  (best pass {n_crystals / min(times[v]):.1f}/s)"
+            )
+        t_ref, t_new = statistics.median(times["reference"]), statistics.median(times["new"])
+        print(
+            f"  speed-up over the reference: {t_ref / t_new:.2f}x "
+            f"(the reference's FLOP floor is {flops['reference'] / flops['new']:.2f}x the new one)"
+        )
+        summary[label] = (n_crystals / t_new, t_new / (flops["new"] / (rate * 1e9)))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak memory (ru_maxrss): {peak:.0f} MiB")
+    print(f"\npeak memory (ru_maxrss): {peak:.0f} MiB")
+    print(
+        f"supervised step: {summary['supervised step'][0]:.0f} crystals/s, "
+        f"{summary['supervised step'][1]:.1f}x its FLOP floor"
+    )
+    print(
+        f"DIM step: {summary['DIM step'][0]:.0f} crystals/s, {summary['DIM step'][1]:.1f}x its FLOP floor"
+    )
 
 
 if __name__ == "__main__":
