@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from matbench_dim.featurize import batch_indices, collate, featurize
+from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import (
     EncoderConfig,

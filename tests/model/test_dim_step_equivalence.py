@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from matbench_dim.featurize import batch_indices, collate, featurize
+from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model import fused
 from matbench_dim.model.dim import DIMConfig, DIMObjective, local_views
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, pair_inputs, to_rows
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from reference_dim_step import reference_internals, reference_local_views
 
 
@@ -65,7 +65,9 @@ def _compare(encoder, objective, batch, seed, loss_tol, grad_rtol):
     new_out, new_grads = _step(encoder, objective, batch, seed)
     with reference_internals():
         ref_out, ref_grads = _step(encoder, objective, batch, seed)
-    assert set(new_out) == set(ref_out)
+    # the new step also logs the critics' accuracy per negative type (monitors added after
+    # the reference was frozen): every reference value must be there and equal
+    assert set(new_out) >= set(ref_out)
     for k in ref_out:
         torch.testing.assert_close(new_out[k], ref_out[k], rtol=loss_tol, atol=loss_tol, msg=k)
     assert set(new_grads) == set(ref_grads)
