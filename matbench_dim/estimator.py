@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from matbench_dim.features.featurize import CrystalRecord, FeaturizerConfig, featurize
+from matbench_dim.features.inputs import as_structures, as_targets, ids_of
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
 from matbench_dim.runtime import (
@@ -59,66 +59,6 @@ GROUPS: dict[str, type] = {
 
 class IncompatibleModelError(ValueError):
     """A saved model folder that this version of matbench-dim cannot read."""
-
-
-def as_structures(X: Any, name: str = "X") -> list[Any]:
-    """Validate ``X`` as a sequence of pymatgen Structures (list, tuple, Series, array)."""
-    from pymatgen.core import Structure
-
-    if isinstance(X, pd.DataFrame):
-        if "structure" not in X.columns:
-            raise TypeError(f"{name} is a DataFrame without a 'structure' column")
-        X = X["structure"]
-    if isinstance(X, (str, bytes)) or not hasattr(X, "__len__"):
-        raise TypeError(f"{name} must be a sequence of pymatgen Structures, got {type(X).__name__}")
-    items = list(X.values) if isinstance(X, pd.Series) else list(X)
-    if not items:
-        raise ValueError(f"{name} is empty: at least one structure is needed")
-    for i, s in enumerate(items):
-        if not isinstance(s, Structure):
-            raise TypeError(f"{name}[{i}] is a {type(s).__name__}, not a pymatgen Structure")
-    return items
-
-
-def _ids_of(X: Any, n: int) -> list[str]:
-    if isinstance(X, pd.Series | pd.DataFrame):
-        return [str(i) for i in X.index]
-    return [str(i) for i in range(n)]
-
-
-def as_targets(y: Any, n: int) -> np.ndarray:
-    """Validate ``y``: ``n`` finite numbers -> float64 array (clear errors otherwise)."""
-    ids = [str(i) for i in y.index] if isinstance(y, pd.Series) else None
-    try:
-        arr = np.asarray(y, dtype=float)
-    except (TypeError, ValueError) as exc:
-        values = list(y.values) if isinstance(y, pd.Series) else list(y)
-        bad_at = [i for i, v in enumerate(values) if v is not None and not _is_number(v)]
-        shown = [f"{ids[i] if ids else i} ({values[i]!r})" for i in bad_at[:10]]
-        raise ValueError(
-            f"y must be numeric: {len(bad_at)} non-numeric targets, e.g. at {', '.join(shown)}"
-            if bad_at
-            else f"y must be numeric: {exc}"
-        ) from exc
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise ValueError(f"y must be one-dimensional, got shape {arr.shape}")
-    if len(arr) != n:
-        raise ValueError(f"X has {n} structures but y has {len(arr)} targets")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if len(bad):
-        where = [ids[i] for i in bad[:10]] if ids else bad[:10].tolist()
-        raise ValueError(f"y has {len(bad)} non-finite targets (NaN/inf), e.g. at {where}")
-    return arr
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 class _DIMParamsMixin:
@@ -476,7 +416,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         self.validate_params()
         structures = as_structures(X)
         device = self._setup()
-        records = self._featurize(structures, _ids_of(X, len(structures)))
+        records = self._featurize(structures, ids_of(X, len(structures)))
         probe = None if y_probe is None else np.asarray(y_probe, dtype=float)
         result = self._run_pretraining(records, device, probe)
         self.pretrained_encoder_ = PretrainedEncoder.from_module(
@@ -518,14 +458,14 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         structures = as_structures(X)
         targets = as_targets(y, len(structures))
         device = self._setup()
-        records = self._featurize(structures, _ids_of(X, len(structures)))
+        records = self._featurize(structures, ids_of(X, len(structures)))
         history: dict[str, list[dict[str, float]]] = {"pretrain": [], "finetune": []}
         encoder: SiteNetEncoder | None = None
         if self.encoder_init is None and not self.random_init:
             extra_records: list[CrystalRecord] = []
             if X_unlabeled is not None:
                 extra = as_structures(X_unlabeled, "X_unlabeled")
-                extra_records = self._featurize(extra, _ids_of(X_unlabeled, len(extra)))
+                extra_records = self._featurize(extra, ids_of(X_unlabeled, len(extra)))
             pool, probe = _union(records, targets, extra_records)
             result = self._run_pretraining(pool, device, probe)
             self.pretrained_encoder_ = PretrainedEncoder.from_module(
@@ -568,7 +508,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         structures = as_structures(X)
         device = self._setup()
-        records = self._featurize(structures, _ids_of(X, len(structures)))
+        records = self._featurize(structures, ids_of(X, len(structures)))
         scaled = predict(self.model_, records, self.pretrain__batch_sites, device)
         return scaled * self.target_std_ + self.target_mean_
 
@@ -577,7 +517,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         structures = as_structures(X)
         device = self._setup()
-        records = self._featurize(structures, _ids_of(X, len(structures)))
+        records = self._featurize(structures, ids_of(X, len(structures)))
         return embed(self.model_.encoder, records, self.pretrain__batch_sites, device)
 
     # ------------------------------------------------------------------ persistence
@@ -762,7 +702,7 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
             return self
         structures = as_structures(X)
         device = self._setup()
-        records = self._featurize(structures, _ids_of(X, len(structures)))
+        records = self._featurize(structures, ids_of(X, len(structures)))
         result = self._run_pretraining(records, device, None)
         self.encoder_, self.pretrained_ = result.encoder, True
         self.history_ = result.history
@@ -773,7 +713,7 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self, "encoder_")
         structures = as_structures(X)
         device = self._setup()
-        records = self._featurize(structures, _ids_of(X, len(structures)))
+        records = self._featurize(structures, ids_of(X, len(structures)))
         return embed(self.encoder_, records, self.pretrain__batch_sites, device)
 
     def get_feature_names_out(self, input_features: Sequence[str] | None = None) -> np.ndarray:

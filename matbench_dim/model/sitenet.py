@@ -713,3 +713,10 @@ __all__ = [
     "to_padded",
     "to_rows",
 ]
+
+
+def projection(n_in: int, hidden: int, n_out: int, activation: str = "mish") -> nn.Sequential:
+    """Critic projection ``Linear -> act -> Linear`` (no normalisation, as in the seed)."""
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, n_out)
+    )
