@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from matbench_dim.model.dim import DIMConfig
+from matbench_dim.model.sitenet import EncoderConfig
+
 TINY: dict = {
     "device": "cpu",
     "encoder__site_dim": 16,
@@ -30,3 +33,16 @@ TINY_PRETRAIN: dict = {
     "pretrain__patience": 0,
 }
 """Pretraining-only settings; the caller chooses the number of epochs."""
+
+SMALL_ENCODER = EncoderConfig(
+    site_dim=32,
+    pair_dim=32,
+    attention_hidden=32,
+    local_dim=16,
+    global_hidden=32,
+    global_dim=16,
+    activation="silu",
+)
+"""A small encoder for the loop tests that must learn something in seconds."""
+SMALL_DIM = DIMConfig(critic_dim=32, critic_hidden=32)
+"""The critics matching :data:`SMALL_ENCODER`."""

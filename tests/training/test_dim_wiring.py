@@ -11,23 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_settings import SMALL_DIM, SMALL_ENCODER
 
 from matbench_dim.features.featurize import collate, featurize
-from matbench_dim.model.dim import DIMConfig, DIMObjective, GlobalDIMLoss, LocalDIMLoss
-from matbench_dim.model.sitenet import EncoderConfig, GlobalEncoder, SiteNetEncoder
+from matbench_dim.model.dim import DIMObjective, GlobalDIMLoss, LocalDIMLoss
+from matbench_dim.model.sitenet import GlobalEncoder, SiteNetEncoder
 from matbench_dim.training.common import OptimizerConfig, split_train_val
 from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim
 
-SMALL = EncoderConfig(
-    site_dim=32,
-    pair_dim=32,
-    attention_hidden=32,
-    local_dim=16,
-    global_hidden=32,
-    global_dim=16,
-    activation="silu",
-)
-DIM = DIMConfig(critic_dim=32, critic_hidden=32)
+SMALL, DIM = SMALL_ENCODER, SMALL_DIM
 
 
 @pytest.fixture(scope="module")
