@@ -10,7 +10,6 @@ import functools
 import logging
 import math
 import re
-import time
 import zipfile
 from pathlib import Path
 
@@ -474,7 +473,6 @@ def test_unknown_task_or_missing_file_fail_before_any_work(offline, tmp_path):
             methods=["dummy_mean"],
             tracking=False,
         )
-    t0 = time.perf_counter()
     with pytest.raises(DataNotFoundError) as err:
         run_grid(
             ["matbench_mp_e_form"],
@@ -485,7 +483,6 @@ def test_unknown_task_or_missing_file_fail_before_any_work(offline, tmp_path):
             data_home=str(offline),
             tracking=False,
         )
-    assert time.perf_counter() - t0 < 10
     assert str(offline / "matbench_mp_e_form.json.gz") in str(err.value)
     assert "https://" in str(err.value)
     assert not any(p.is_file() for p in out.rglob("*"))

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -229,7 +228,6 @@ def test_matminer_data_is_honoured_and_restored(monkeypatch, tmp_path, no_defaul
 
 @pytest.mark.parametrize("name", ["matbench_mp_gap", "matbench_mp_e_form"])
 def test_missing_matbench_file_fails_fast_with_instructions(name, tmp_path, no_default_data):
-    t0 = time.perf_counter()
     with pytest.raises(DataNotFoundError) as err:
         load_matbench_task(name, data_home=tmp_path)
     msg = str(err.value)
@@ -238,7 +236,6 @@ def test_missing_matbench_file_fails_fast_with_instructions(name, tmp_path, no_d
     with pytest.raises(DataNotFoundError, match="MATMINER_DATA") as err:
         load_task(name)
     assert "shipped in matbench_dim/data/samples" in str(err.value)
-    assert time.perf_counter() - t0 < 10
 
 
 def test_missing_file_message_never_suggests_a_folder_inside_an_installation(
