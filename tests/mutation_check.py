@@ -81,9 +81,9 @@ MUTANTS = (
         "labels reach the encoder (one gradient clip over every stage, probes included)",
         "matbench_dim/training/pretrain.py",
         """    for opt in optimizers.values():
-        _clip([p for g in opt.param_groups for p in g["params"]], max_norm)""",
-        """    _clip([p for o in optimizers.values() for g in o.param_groups for p in g["params"]],
-          max_norm)""",
+        clip_grad([p for g in opt.param_groups for p in g["params"]], max_norm)""",
+        """    clip_grad([p for o in optimizers.values() for g in o.param_groups for p in g["params"]],
+              max_norm)""",
         ("tests/training/test_label_isolation.py",),
     ),
     Mutant(
