@@ -88,3 +88,52 @@ def test_readme_library_block_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) > 0
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+# Commands of the README: `matbench-dim CMD ...` in a code span or a bash block, and the
+# `tox -e cli -- CMD ...` / `python -m matbench_dim CMD ...` forms in bash blocks. A bash
+# block's command must be complete; a code span in prose may name a command with only the
+# option it talks about ("`matbench-dim bench --params-from-study`"), so missing required
+# options are allowed there, unknown options and bad values are not. Spans with "/" or "..."
+# ("`matbench-dim fit / predict`") are prose, not commands.
+_CLI = re.compile(r"(?:matbench-dim|-m matbench_dim|tox -e cli --)\s+([^`\n]*)")
+
+
+def readme_commands() -> list[tuple[list[str], bool]]:
+    """``(argv, complete)`` of every README command; ``complete`` for bash-block lines."""
+    import shlex
+
+    text = README.read_text(encoding="utf-8")
+    found: list[tuple[str, bool]] = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.splitlines():
+            code = line.split(" #", 1)[0]
+            found += [(m.group(1), True) for m in _CLI.finditer(code)]
+    for span in re.findall(r"`(matbench-dim [^`]+)`", text):
+        if "/" not in span and "..." not in span:
+            found += [(m.group(1), False) for m in _CLI.finditer(span)]
+    return [(shlex.split(c), complete) for c, complete in found if c.strip()]
+
+
+def test_readme_commands_parse_with_the_real_cli():
+    """Every option of every README command exists and takes the value written there
+    (parsed by the real click command, not run: some are studies of minutes to hours)."""
+    import typer
+
+    from matbench_dim.cli.app import app
+
+    commands = readme_commands()
+    assert {"run", "tasks", "tune", "bench", "--help"} <= {a[0] for a, _ in commands}, commands
+    root = typer.main.get_command(app)
+    for args, complete in commands:
+        try:
+            with root.make_context("matbench-dim", list(args)) as ctx:
+                rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+                name, sub, sub_args = root.resolve_command(ctx, rest)
+                assert sub is not None, f"README command {args}: no such command {name}"
+                sub.make_context(name, sub_args, parent=ctx)  # a bad option or value raises
+        except typer.Exit as done:  # --help
+            assert done.exit_code == 0, args
+        except typer.BadParameter as bad:  # typer's click: MissingParameter is a BadParameter
+            assert type(bad).__name__ == "MissingParameter", f"README command {args}: {bad}"
+            assert not complete, f"README command {args} lacks a required option"

@@ -42,6 +42,7 @@ from matbench_dim.cli.support import (
     pretraining_structures,
     quiet_matbench,
     read_cifs,
+    show_progress,
     split_values,
     task_spec,
     tuned_params,
@@ -662,6 +663,7 @@ def tune(
     if extra:
         check_params(extra)
     quiet_matbench()
+    show_progress("matbench_dim.tuning")  # the plan, each inner split, each trial's time + ETA
     study = run_tuning(
         load_task_quietly(task, target),
         n_labels,

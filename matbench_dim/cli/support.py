@@ -129,6 +129,24 @@ def quiet_matbench() -> None:
         logging.getLogger("matbench").setLevel(logging.WARNING)
 
 
+class _EchoHandler(logging.Handler):
+    """Log records as plain lines on the current stderr (the CLI's progress lines)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+def show_progress(logger_name: str) -> None:
+    """Print the INFO lines of one library logger (progress, estimates) even without -v."""
+    if STATE["verbose"]:
+        return  # the root handler already prints them, with timestamps
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        log.addHandler(_EchoHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``["optimizer__lr=1e-3", "encoder__heads=2"]`` -> dict with JSON-parsed values."""
     out: dict[str, Any] = {}

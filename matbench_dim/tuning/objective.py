@@ -8,6 +8,7 @@ inner validation parts. Pretraining is shared across trials through
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from matbench_dim.tuning._common import accepts, default_factory, jsonable
 from matbench_dim.tuning.encoder_cache import EncoderCache
 from matbench_dim.tuning.pruning import OptunaPruningCallback
 from matbench_dim.tuning.spaces import SearchSpace
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["InnerCVObjective", "InnerSplit", "inner_splits"]
 
@@ -206,7 +209,9 @@ class InnerCVObjective:
         curves: list[Any],
     ) -> None:
         """Fit and score every inner split, appending to ``maes`` and ``curves``."""
+        label = f"trial {trial.number}" if trial is not None else "evaluation"
         for k, split in enumerate(self.splits):
+            t0 = time.perf_counter()
             kwargs = dict(params)
             if self.epoch_callbacks:
                 cbs = list(kwargs.get("callbacks") or [])
@@ -225,6 +230,10 @@ class InnerCVObjective:
                 raise FloatingPointError(f"inner split {k}: non-finite predictions")
             maes.append(float(np.mean(np.abs(pred - self.y[split.val]))))
             curves.append(getattr(est, "history_", None))
+            logger.info(
+                "%s: inner split %d/%d, validation MAE %.4g (%.0f s)",
+                label, k + 1, len(self.splits), maes[-1], time.perf_counter() - t0,
+            )  # fmt: skip
             if run is not None:
                 run.log_metrics({f"inner/mae_split{k}": maes[-1]})
             if trial is not None and not self.epoch_callbacks:

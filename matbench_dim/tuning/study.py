@@ -32,6 +32,7 @@ from matbench_dim.tuning._common import (
 from matbench_dim.tuning.encoder_cache import DEFAULT_CACHE_DIR, EncoderCache
 from matbench_dim.tuning.export import export_best, study_name_for
 from matbench_dim.tuning.objective import InnerCVObjective
+from matbench_dim.tuning.progress import TrialTimer, plan_message
 from matbench_dim.tuning.pruning import make_pruner
 from matbench_dim.tuning.spaces import DEFAULT_SPACES, SearchSpace, load_spaces
 from matbench_dim.tuning.storage import resolve_storage
@@ -219,13 +220,21 @@ def tune(
                 study.set_user_attr(f"mlflow_parent_run_id.w{worker}", parent.run_id)
                 objective.tracker, objective.parent_run_id = tracker, parent.run_id
             logger.info("study %s: %d/%d trials; worker %d starts", name, done, n_trials, worker)
+            logger.info(
+                plan_message(
+                    n_run=n_trials - done, n_labels=n_labels, n_splits=n_splits,
+                    n_repeats=n_repeats, n_pretrain=len(X_pre) if pretrain else None,
+                    tuned=space.names, base_params=base, factory=factory,
+                )
+            )  # fmt: skip
             guard = _FailureGuard(max_failures)
+            timer = TrialTimer(n_trials, count_states)
             study.optimize(
                 _with_trial_attrs(
                     objective, {**attrs, "mlflow_parent_run_id": objective.parent_run_id}
                 ),
                 timeout=timeout,
-                callbacks=[MaxTrialsCallback(n_trials, states=tuple(count_states)), guard],
+                callbacks=[MaxTrialsCallback(n_trials, states=tuple(count_states)), guard, timer],
                 catch=(RuntimeError, ValueError, ArithmeticError),
                 gc_after_trial=True,
             )

@@ -334,6 +334,11 @@ def test_tune_exports_parameters_that_bench_uses(tmp_path):
     tiny = [*TINY, "-p", "pretrain__epochs=1", "-p", "finetune__epochs=2"]
     task = ["--task", "sample:perovskites_subset", "--n-labels", 20]
     result = invoke("tune", *task, "--trials", 1, "--no-tracking", *tiny)
+    assert (
+        "1 trials to run; each fine-tunes 5 times (inner splits) on ~16 labelled" in result.stderr
+    )
+    assert "inner split 5/5, validation MAE" in result.stderr  # progress inside the trial
+    assert "trial 0 complete in" in result.stderr
     exported = Path(_line(result.stdout, "exported for").split(": ", 1)[1])
     best = json.loads(exported.read_text())["records"][0]["params"]
     assert _line(result.stdout, "best inner-CV MAE")

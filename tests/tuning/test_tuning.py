@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +43,7 @@ from matbench_dim.tuning import (
     study_name_for,
     tune,
 )
+from matbench_dim.tuning.progress import TrialTimer, format_seconds
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parents[1]
@@ -558,8 +561,32 @@ def test_encoder_cache_pretrains_once_per_pretraining_params(task: Any, tmp_path
 # ----------------------------------------------------------------------- tune, resume, export
 
 
+def test_trial_timer_estimates_what_is_left_from_the_mean_trial_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    timer = TrialTimer(5, clock=lambda: now[0])
+    study = optuna.create_study()
+    with caplog.at_level(logging.INFO, logger="matbench_dim.tuning"):
+        for seconds in (60.0, 180.0):  # mean 120 s per trial after the second
+            now[0] += seconds
+            trial = study.ask()
+            trial.set_user_attr("seconds", seconds)
+            study.tell(trial, 1.0)
+            timer(study, study.trials[-1])
+    first, second = caplog.messages
+    assert (
+        first
+        == "trial 0 complete in 60 s, value 1; 4 left, about 4 min more (at 60 s per trial so far)"
+    )
+    assert second.endswith(
+        "in 3 min, value 1; 3 left, about 6 min more (at 2 min per trial so far)"
+    )
+    assert format_seconds(3 * 3600) == "3.0 h"
+
+
 def test_tune_resumes_exports_and_never_touches_test_data(
-    task: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    task: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tuning read the test targets")
@@ -575,7 +602,16 @@ def test_tune_resumes_exports_and_never_touches_test_data(
         "best_dir": tmp_path / "best",
         "tracking": False,
     }
-    study = tune(task, 12, 3, **kwargs)
+    with caplog.at_level(logging.INFO, logger="matbench_dim.tuning"):
+        study = tune(task, 12, 3, **kwargs)
+    log = caplog.text
+    assert "3 trials to run; each fine-tunes 3 times (inner splits) on ~8 labelled" in log
+    assert "DIM pretraining on" in log
+    assert "trial 0: inner split 3/3, validation MAE" in log
+    assert re.search(r"trial 0 complete in \d+ s, value [\d.]+; 2 left, about", log)
+    last = [m for m in caplog.messages if m.startswith("trial 2 complete in")]
+    assert len(last) == 1
+    assert "left" not in last[0]  # the study is done: no estimate
     assert SEEN_IDS
     assert not SEEN_IDS & set(task.test_ids(0))
     assert set(task.train_ids(0)) >= SEEN_IDS
