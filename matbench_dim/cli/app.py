@@ -24,6 +24,7 @@ import typer
 from matbench_dim.cli.support import (
     STATE,
     CLIGroup,
+    Command,
     EncoderFrom,
     NoTracking,
     Params,
@@ -93,22 +94,29 @@ def _main(
 ) -> None:
     """Deep InfoMax pretraining of Site-Net, inside matbench's fold loop."""
     STATE.update(debug=debug, verbose=verbose or debug)
+    if not (verbose or debug):  # read by MLflow at import: its INFO lines and download bars
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.INFO if verbose or debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if ctx.invoked_subcommand in NO_TORCH_COMMANDS:
         return  # torch takes about a second to import: only commands that train load it
-    from matbench_dim.runtime import configure_allocator, configure_threads
 
-    configure_threads(threads)
-    configure_allocator()
+    def set_up_torch() -> None:
+        from matbench_dim.runtime import configure_allocator, configure_threads
+
+        configure_threads(threads)
+        configure_allocator()
+
+    STATE["before_command"] = set_up_torch  # run by Command.invoke, after option parsing
 
 
 # --------------------------------------------------------------------------- run
 
 
-@app.command()
+@app.command(cls=Command)
 def run(
     task: Annotated[str, typer.Option(help="Task name (see `matbench-dim tasks`).")] = (
         "matbench_jdft2d"
@@ -250,7 +258,7 @@ def run(
 # --------------------------------------------------------------------------- pretrain
 
 
-@app.command()
+@app.command(cls=Command)
 def pretrain(
     task: Annotated[str | None, typer.Option(help="Pretrain on this task's fold.")] = None,
     cifs: Annotated[
@@ -337,7 +345,7 @@ def pretrain(
 # --------------------------------------------------------------------------- fit / predict
 
 
-@app.command()
+@app.command(cls=Command)
 def fit(
     cifs: Annotated[Path, typer.Option(help="Labelled CIFs (folder or zip).")],
     out: Annotated[Path, typer.Option(help="Folder to save the fitted model in.")],
@@ -442,7 +450,7 @@ def fit(
     echo_lines(lines)
 
 
-@app.command()
+@app.command(cls=Command)
 def predict(
     model: Annotated[str, typer.Option(help="Model folder (from `fit`), or runs:/<id>/estimator.")],
     cifs: Annotated[Path, typer.Option(help="CIFs to predict (folder or zip).")],
@@ -489,7 +497,7 @@ def predict(
     echo_lines(lines)
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
     tasks: Annotated[
         list[str], typer.Option("--tasks", "--task", help="Task NAME or NAME:TARGET (repeatable).")
@@ -613,7 +621,7 @@ def bench(
     echo_lines(lines)
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     results_dir: Annotated[Path, typer.Argument(help="Results folder of `bench`.")],
     out: Annotated[
@@ -639,7 +647,7 @@ def report(
 # --------------------------------------------------------------------------- tune / tasks
 
 
-@app.command()
+@app.command(cls=Command)
 def tune(
     task: Annotated[str, typer.Option(help="Task name (see `matbench-dim tasks`).")],
     n_labels: Annotated[int, typer.Option(help="Labelled-subset size to tune for.")],
@@ -663,6 +671,10 @@ def tune(
     if extra:
         check_params(extra)
     quiet_matbench()
+    if not STATE["verbose"]:  # our own lines say what Optuna's INFO lines would
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     show_progress("matbench_dim.tuning")  # the plan, each inner split, each trial's time + ETA
     study = run_tuning(
         load_task_quietly(task, target),
@@ -690,7 +702,7 @@ def tune(
     echo_lines(lines)
 
 
-@app.command()
+@app.command(cls=Command)
 def tasks() -> None:
     """List the task names `--task` accepts, and whether their data is on this machine."""
     from matbench_dim.data.sources import available_tasks, task_data_file

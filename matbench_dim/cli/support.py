@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 __all__ = [
     "STATE",
@@ -60,11 +60,32 @@ CLICK_ERROR: type[Exception] = next(
 """Base of the usage errors of the click that typer runs on (vendored in recent typer)."""
 
 
+class Command(TyperCommand):
+    """Every command of the CLI.
+
+    - Runs ``STATE["before_command"]`` (the group callback's torch set-up) only once the
+      command's own options have parsed, so a misspelled option fails without importing torch.
+    - Writes required arguments as ``RESULTS_DIR`` in the usage line (typer writes
+      ``{results_dir}``, which reads like a format-string placeholder).
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        setup = STATE.pop("before_command", None)
+        if setup is not None:
+            setup()
+        return super().invoke(ctx)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1].upper() if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
 class CLIGroup(TyperGroup):
     """Turns every error into one line on stderr and an exit code (unless ``--debug``)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         STATE["debug"] = False
+        STATE.pop("before_command", None)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
             code = rv if isinstance(rv, int) else 0

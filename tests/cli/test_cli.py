@@ -70,6 +70,8 @@ def test_help_lists_every_command():
         assert f"\n  {command} " in listed
     lines = invoke("tasks").output.splitlines()
     assert any(line.split()[0] == "matbench_jdft2d" for line in lines if line.strip())
+    usage = invoke("report", "--help").output.splitlines()[0]
+    assert usage.endswith("report [OPTIONS] RESULTS_DIR"), usage  # not typer's {results_dir}
 
 
 @pytest.mark.parametrize(
@@ -398,19 +400,29 @@ def test_pretrain_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     ]
 
 
-def test_python_m_runs_the_cli_and_tasks_loads_no_torch(tmp_path):
-    """`python -m matbench_dim` is the CLI; `tasks` and `--help` never import torch."""
+def _heavy_imports_of(args: list[str], code: int, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter; fail if it exits otherwise than with ``code`` or
+    imported torch, pymatgen, scikit-learn, matbench or MLflow."""
     script = (
-        "import runpy, sys; sys.argv = ['matbench-dim', 'tasks']\n"
+        f"import runpy, sys; sys.argv = ['matbench-dim', *{args!r}]\n"
         "try:\n    runpy.run_module('matbench_dim', run_name='__main__')\n"
-        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        f"except SystemExit as e:\n    assert (e.code or 0) == {code}, e.code\n"
         "heavy = [m for m in ('torch', 'pymatgen.core', 'sklearn', 'matbench', 'mlflow') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=120
     )
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_python_m_runs_the_cli_and_tasks_loads_no_torch(tmp_path):
+    """`python -m matbench_dim` is the CLI; `tasks`, `--help` and a misspelled option of a
+    training command never import torch (the thread set-up waits until options parse)."""
+    out = _heavy_imports_of(["tasks"], 0, tmp_path)
+    misspelled = _heavy_imports_of(["run", "--n-label", "20"], 2, tmp_path)
+    assert "No such option: --n-label" in misspelled.stderr
     names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
     assert "sample:flla" in names
     assert "matbench_mp_gap" in names
