@@ -722,6 +722,11 @@ def tasks() -> None:
         )
 
 
+from matbench_dim.cli.submit import submit  # noqa: E402 - its module imports only support
+
+app.command(cls=Command)(submit)
+
+
 def main() -> None:
     """Entry point of the ``matbench-dim`` script."""
     app()

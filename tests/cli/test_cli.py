@@ -33,7 +33,7 @@ TINY = [
         "finetune__head_hidden",
     )
 ] + ["-p", "device=cpu", "-p", "finetune__patience=0"]
-COMMANDS = ("run", "pretrain", "fit", "predict", "bench", "report", "tune", "tasks")
+COMMANDS = ("run", "pretrain", "fit", "predict", "bench", "report", "tune", "tasks", "submit")
 
 
 @pytest.fixture(autouse=True)
@@ -356,6 +356,29 @@ def test_tune_exports_parameters_that_bench_uses(tmp_path):
     assert used["encoder__global_dim"] == 16  # --param wins over the tuned value
     result = invoke(*args, "--params-from-study", "--n-labels", 10, code=2)  # n=10 not tuned
     assert "no tuned parameters" in result.stderr
+
+
+def test_submit_writes_a_folder_matbench_accepts_and_continues_it(tmp_path):
+    from matbench.bench import MatbenchBenchmark
+
+    tiny = [*TINY, "-p", "pretrain__epochs=1", "-p", "finetune__epochs=2"]
+    args = ["submit", "--tasks", "sample:matbench_jdft2d", "--authors", "A. Tester"]
+    args += ["--out", "sub", *tiny]
+    first = invoke(*args, "--folds", "0,1")
+    assert "matbench_jdft2d: folds [0, 1] recorded" in first.stdout
+    assert "run the same command again to continue" in first.stdout
+    assert "matbench_jdft2d fold 1: test MAE" in first.stderr  # progress, one line per fold
+    second = invoke(*args)
+    assert "matbench_jdft2d fold 1: already recorded in sub/results.json.gz" in second.stderr
+    assert "matbench_jdft2d: folds [0, 1, 2, 3, 4] recorded" in second.stdout
+    assert "valid (read by MatbenchBenchmark.from_file" in second.stdout
+    assert MatbenchBenchmark.from_file(str(tmp_path / "sub" / "results.json.gz")).is_valid
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == [
+        "info.json", "results.json.gz", "run_submission.py", "submission.json",
+    ]  # fmt: skip
+    refused = invoke(*args, "--seed", 1, code=2)
+    assert "was started with other settings" in refused.stderr
+    assert "matbench has folds 0-4" in invoke(*args, "--folds", 5, code=2).stderr
 
 
 @pytest.mark.slow
