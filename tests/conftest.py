@@ -8,6 +8,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("MATBENCH_DIM_NUM_THREADS", "1")
@@ -111,6 +112,21 @@ def flla_sample_task():
     from matbench_dim.data.sources import load_task
 
     return load_task("flla", sample=True)
+
+
+@pytest.fixture
+def user_cif_folder(tmp_path, flla_sample_task):
+    """60 real flla structures as CIFs, a labels.csv with 10 empty targets."""
+    folder = tmp_path / "my_cifs"
+    folder.mkdir()
+    structures = flla_sample_task.structures.iloc[:60]
+    targets = flla_sample_task.targets.loc[structures.index]
+    rows = []
+    for k, (sid, s) in enumerate(structures.items()):
+        (folder / f"{sid}.cif").write_text(s.to(fmt="cif"))
+        rows.append({"file": f"{sid}.cif", "e_form": "" if k % 6 == 5 else targets[sid]})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder
 
 
 @pytest.fixture(scope="session")

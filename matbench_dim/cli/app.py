@@ -118,9 +118,12 @@ def _main(
 
 @app.command(cls=Command)
 def run(
-    task: Annotated[str, typer.Option(help="Task name (see `matbench-dim tasks`).")] = (
-        "matbench_jdft2d"
-    ),
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Task name (see `matbench-dim tasks`), or the path of your own data set."
+        ),
+    ] = ("matbench_jdft2d"),
     fold: Annotated[int, typer.Option(help="Fold to run.")] = 0,
     n_labels: Annotated[int, typer.Option(help="Labelled training structures.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the labelled subset and the model.")] = 0,
@@ -500,7 +503,12 @@ def predict(
 @app.command(cls=Command)
 def bench(
     tasks: Annotated[
-        list[str], typer.Option("--tasks", "--task", help="Task NAME or NAME:TARGET (repeatable).")
+        list[str],
+        typer.Option(
+            "--tasks",
+            "--task",
+            help="Task NAME or NAME:TARGET, or PATH[:TARGET] of your own data set (repeatable).",
+        ),
     ],
     folds: Annotated[list[str] | None, typer.Option(help="Folds (default: all).")] = None,
     n_labels: Annotated[
@@ -545,6 +553,7 @@ def bench(
     from matbench_dim.bench.grid import DEFAULT_N_LABELS, DEFAULT_SEEDS, run_grid
     from matbench_dim.bench.methods import SITENET_NAMES, default_methods
     from matbench_dim.bench.report import summarize
+    from matbench_dim.data.user import is_dataset_path
 
     if backend not in ("loky", "dask"):
         raise UserError(f"--backend must be loky or dask, got {backend!r}")
@@ -573,6 +582,15 @@ def bench(
         "tracking_uri": tracking_uri,
         "tracking": not no_tracking,
     }
+    own: dict[tuple[str, str | None], Any] = {}  # your own data sets, loaded once
+
+    def grid_task(name: str, target: str | None) -> Any:
+        if not is_dataset_path(name):
+            return (name, target) if target else name
+        if (name, target) not in own:
+            own[name, target] = load_task_quietly(name, target)
+        return own[name, target]
+
     # tuned parameters depend on (task, n): one grid call per pair; otherwise one call per
     # set of methods (band-gap tasks get more baselines by default)
     groups: dict[tuple[str, ...], list[tuple[str, str | None]]] = {}
@@ -581,7 +599,7 @@ def bench(
     calls = [(group, ns, {}, list(names)) for names, group in groups.items()]
     if params_from_study and sitenet:
         calls = [
-            ([s], [n], tuned_params(s[0], s[1], n, study_storage), per_spec[s])
+            ([s], [n], tuned_params(_task_name(grid_task(*s)), s[1], n, study_storage), per_spec[s])
             for s in specs
             for n in ns
         ]
@@ -596,7 +614,7 @@ def bench(
         if "transfer" in method_params:
             method_params["transfer"]["transfer_target"] = transfer_target
         summary = run_grid(
-            [(name, target) if target else name for name, target in call_specs],
+            [grid_task(name, target) for name, target in call_specs],
             out,
             n_labels=call_ns,
             method_params={m: p for m, p in method_params.items() if m in call_methods},
@@ -619,6 +637,10 @@ def bench(
     lines += [f"MLflow parent run {rid} ({key})" for key, rid in parents.items()]
     lines.append(f"report: matbench-dim report {out}")
     echo_lines(lines)
+
+
+def _task_name(task: Any) -> str:
+    return task if isinstance(task, str) else task[0] if isinstance(task, tuple) else task.name
 
 
 @app.command(cls=Command)
@@ -649,7 +671,12 @@ def report(
 
 @app.command(cls=Command)
 def tune(
-    task: Annotated[str, typer.Option(help="Task name (see `matbench-dim tasks`).")],
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Task name (see `matbench-dim tasks`), or the path of your own data set."
+        ),
+    ],
     n_labels: Annotated[int, typer.Option(help="Labelled-subset size to tune for.")],
     trials: Annotated[int, typer.Option(help="Trials the study should hold (resumed).")],
     fold: Annotated[int | None, typer.Option(help="Fold whose training part is used (0).")] = None,

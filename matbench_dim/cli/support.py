@@ -252,6 +252,11 @@ def read_cifs(path: Path, skip_bad: bool | None = None) -> tuple[Any, dict[str, 
 
 
 def load_task_quietly(name: str, target: str | None = None, data_home: Path | None = None) -> Any:
+    """A built-in task by name, or the user's own data set by path (``data/user.py``)."""
+    from matbench_dim.data.user import is_dataset_path, load_user_dataset
+
+    if is_dataset_path(name):
+        return load_user_dataset(name, target)
     from matbench_dim.data.sources import load_task
 
     quiet_matbench()

@@ -358,6 +358,22 @@ def test_tune_exports_parameters_that_bench_uses(tmp_path):
     assert "no tuned parameters" in result.stderr
 
 
+def test_bench_and_tune_take_your_own_cif_folder(tmp_path, user_cif_folder):
+    spec = f"{user_cif_folder}:e_form"
+    args = ["bench", "--tasks", spec, "--methods", "dummy_mean,random_init", "--n-labels", 20]
+    args += ["--folds", 0, "--seeds", 0, "--out", "b", "--no-tracking", *TINY]
+    result = invoke(*args)
+    assert "2 cells: 2 run" in result.stdout
+    (cell,) = (tmp_path / "b" / "cells" / "my_cifs").rglob("random_init/**/fold0_seed0.json")
+    record = json.loads(cell.read_text())
+    assert (record["task"], record["target"], record["n"]) == ("my_cifs", "e_form", 20)
+    assert record["n_test"] == 10  # fold 0 of the 50 labelled entries (KFold(5))
+    tiny = [*TINY, "-p", "pretrain__epochs=1", "-p", "finetune__epochs=2"]
+    tuned = invoke("tune", "--task", str(user_cif_folder), "--target", "e_form",
+                   "--n-labels", 20, "--trials", 1, "--no-tracking", *tiny)  # fmt: skip
+    assert "study my_cifs-e_form-n20-fold0: 1 trials" in tuned.stdout
+
+
 def test_submit_writes_a_folder_matbench_accepts_and_continues_it(tmp_path):
     from matbench.bench import MatbenchBenchmark
 
