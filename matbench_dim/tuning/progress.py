@@ -123,7 +123,9 @@ class TrialTimer:
         left = max(self.n_trials - count_trials(study, self.count_states), 0)
         seconds = trial.user_attrs.get("seconds")
         took = format_seconds(seconds) if seconds is not None else "?"
-        value = f", value {trial.value:.4g}" if trial.value is not None else ""
+        # a pruned trial's value is its last intermediate report, not the objective: omit it
+        complete = trial.state == TrialState.COMPLETE and trial.value is not None
+        value = f", value {trial.value:.4g}" if complete else ""
         msg = f"trial {trial.number} {trial.state.name.lower()} in {took}{value}"
         if left:
             msg += (

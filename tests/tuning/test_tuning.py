@@ -574,7 +574,12 @@ def test_trial_timer_estimates_what_is_left_from_the_mean_trial_time(
             trial.set_user_attr("seconds", seconds)
             study.tell(trial, 1.0)
             timer(study, study.trials[-1])
-    first, second = caplog.messages
+        pruned = study.ask()
+        pruned.report(36.6, 10)
+        study.tell(pruned, state=TrialState.PRUNED)
+        timer(study, study.trials[-1])
+    first, second, third = caplog.messages
+    assert third.startswith("trial 2 pruned in ?; 2 left")  # no objective value shown
     assert (
         first
         == "trial 0 complete in 60 s, value 1; 4 left, about 4 min more (at 60 s per trial so far)"
