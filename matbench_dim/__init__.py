@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "SiteNetDIMRegressor": "matbench_dim.estimator",
     "DIMEmbedder": "matbench_dim.estimator",
     "PretrainedEncoder": "matbench_dim.estimator",
+    "SiteNetDIMEnsemble": "matbench_dim.ensemble",
     "Task": "matbench_dim.data.task",
     "load_task": "matbench_dim.data.sources",
     "load_cif_dataset": "matbench_dim.data.cif",
@@ -52,6 +53,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "DIMEmbedder",
     "PretrainedEncoder",
+    "SiteNetDIMEnsemble",
     "SiteNetDIMRegressor",
     "Task",
     "__version__",
@@ -75,6 +77,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
     from matbench_dim.data.cif import load_cif_dataset
     from matbench_dim.data.sources import load_task
     from matbench_dim.data.task import Task, task_from_dataframe, task_from_structures
+    from matbench_dim.ensemble import SiteNetDIMEnsemble
     from matbench_dim.estimator import DIMEmbedder, PretrainedEncoder, SiteNetDIMRegressor
     from matbench_dim.tracking.tracker import download_encoder, setup_tracking
 

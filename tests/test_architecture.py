@@ -29,6 +29,7 @@ RANKS: dict[str, int] = {
     "model": 3,
     "training": 4,
     "estimator": 5,
+    "ensemble": 5,  # wraps the estimator
     "tracking": 6,
     "bench": 7,
     "tuning": 7,

@@ -180,6 +180,7 @@ def record(
     predictions: Any,
     params: Mapping[str, Any] | None = None,
     *,
+    std: Any = None,
     overwrite: bool = False,
 ) -> None: ...
 
@@ -192,11 +193,14 @@ def record(
     predictions: Any,
     params: Mapping[str, Any] | None = None,
     *,
+    std: Any = None,
     overwrite: bool = False,
 ) -> None: ...
 
 
-def record(task: Any, *args: Any, params: Any = None, overwrite: bool = False) -> None:
+def record(
+    task: Any, *args: Any, params: Any = None, std: Any = None, overwrite: bool = False
+) -> None:
     """Record one fold's test predictions, checked and converted.
 
     Call as ``record(task, fold, predictions, params=None)`` with a ``MatbenchTask`` or a
@@ -210,6 +214,9 @@ def record(task: Any, *args: Any, params: Any = None, overwrite: bool = False) -
         test ids is aligned); see :func:`as_prediction_array`.
     params
         Free-form JSON-able dict stored with the fold (numpy values are converted).
+    std
+        Optional standard deviation of each prediction (same order and checks, > 0), passed
+        to matbench's ``record(std=...)`` (e.g. :class:`~matbench_dim.ensemble.SiteNetDIMEnsemble`).
     overwrite
         Replace an already recorded fold instead of raising :class:`AlreadyRecordedError`.
     """
@@ -245,6 +252,14 @@ def record(task: Any, *args: Any, params: Any = None, overwrite: bool = False) -
     arr = as_prediction_array(
         predictions, test_ids, f"{mtask.dataset_name} fold {fold} predictions"
     )
+    spread = None
+    if std is not None:
+        spread = as_prediction_array(std, test_ids, f"{mtask.dataset_name} fold {fold} std")
+        if (spread <= 0).any():  # matbench turns std into a normal 95 % interval: scale > 0
+            bad = [test_ids[i] for i in np.flatnonzero(spread <= 0)]
+            raise ValueError(
+                f"{mtask.dataset_name} fold {fold}: std must be > 0, not for {format_ids(bad)}"
+            )
     clean = _clean_params(params)
     if mtask.is_recorded[fold]:
         if not overwrite:
@@ -253,7 +268,7 @@ def record(task: Any, *args: Any, params: Any = None, overwrite: bool = False) -
             )
         logger.warning("%s fold %d: overwriting the recorded predictions", mtask.dataset_name, fold)
         mtask.results[fold_key] = {}
-    mtask.record(fold, arr, params=clean)
+    mtask.record(fold, arr, std=spread, params=clean)
     if not mtask.is_recorded[fold]:  # matbench only logs some failures
         raise RuntimeError(f"matbench did not record {mtask.dataset_name} fold {fold}")
 

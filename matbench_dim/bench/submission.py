@@ -135,6 +135,7 @@ run_submission(
     estimator_params=config["estimator_params"],
     seed=config["seed"],
     folds=config["folds"],
+    n_members=config["n_members"],
 )
 '''
 
@@ -148,6 +149,7 @@ def run_submission(
     seed: int = 0,
     folds: Sequence[int] | None = None,
     factory: Callable[..., Any] | None = None,
+    n_members: int = 1,
 ) -> Any:
     """Fit, predict and record every fold of ``tasks``; write the submission folder ``out``.
 
@@ -168,6 +170,10 @@ def run_submission(
         Folds to run (default all five); a submission is complete only with all of them.
     factory
         Estimator class (default :class:`~matbench_dim.estimator.SiteNetDIMRegressor`).
+    n_members
+        With ``>= 2``, each fold fits a :class:`~matbench_dim.ensemble.SiteNetDIMEnsemble` of
+        that many fine-tunes from one pretraining, records the mean and passes the members'
+        std to matbench (``record(std=...)``).
 
     Returns
     -------
@@ -191,6 +197,7 @@ def run_submission(
         "tasks": names,
         "folds": folds,
         "seed": int(seed),
+        "n_members": int(n_members),
         "estimator_params": {k: _jsonable(v) for k, v in sorted(params.items())},
     }
     out = check_writable(out)
@@ -212,10 +219,18 @@ def run_submission(
                 continue
             t0 = time.perf_counter()
             X, y = task.train_data(fold)
-            model = make(**params, random_state=int(seed)).fit(X, y)
-            predictions = np.asarray(model.predict(task.test_inputs(fold)), dtype=float)
-            record(mb, task.name, fold, predictions, params={**config["estimator_params"],
-                   "random_state": int(seed), "n_train": len(X)})  # fmt: skip
+            model = make(**params, random_state=int(seed))
+            std = None
+            if n_members > 1:
+                from matbench_dim.ensemble import SiteNetDIMEnsemble
+
+                ensemble = SiteNetDIMEnsemble(model, n_members=int(n_members)).fit(X, y)
+                predictions, std = ensemble.predict(task.test_inputs(fold), return_std=True)
+            else:
+                predictions = model.fit(X, y).predict(task.test_inputs(fold))
+            record(mb, task.name, fold, np.asarray(predictions, dtype=float), std=std,
+                   params={**config["estimator_params"], "random_state": int(seed),
+                           "n_members": int(n_members), "n_train": len(X)})  # fmt: skip
             save_benchmark(mb, results)
             mae = mtask.results[mtask.folds_map[fold]]["scores"]["mae"]
             logger.info(

@@ -36,6 +36,10 @@ def submit(
     folds: Annotated[
         list[str] | None, typer.Option(help="Folds to run now (default all five).")
     ] = None,
+    ensemble: Annotated[
+        int,
+        typer.Option(help="Fine-tunes per fold from one pretraining; >= 2 records their std."),
+    ] = 1,
     param: Params = None,
 ) -> None:
     """Fit DIM pretraining + fine-tuning on every training fold, record the test folds, and

@@ -89,15 +89,20 @@ def cif_frame(structures: Sequence[Any]) -> pd.DataFrame:
     return pd.DataFrame({CIF_COLUMN: [s.to(fmt="cif") for s in structures]})
 
 
-def model_signature(output_name: str = "prediction") -> Any:
-    """Input ``cif`` (string) -> output ``output_name`` (double)."""
+def model_signature(output_name: str = "prediction", with_std: bool = False) -> Any:
+    """Input ``cif`` (string) -> output ``output_name`` (double), and ``<output_name>_std``
+    (double) for an ensemble."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", CIF_COLUMN)]),
-        outputs=Schema([ColSpec("double", output_name)]),
-    )
+    outputs = [ColSpec("double", output_name)]
+    if with_std:
+        outputs.append(ColSpec("double", f"{output_name}_std"))
+    return ModelSignature(inputs=Schema([ColSpec("string", CIF_COLUMN)]), outputs=Schema(outputs))
+
+
+def _has_std(estimator: Any) -> bool:
+    return len(getattr(estimator, "members_", ())) >= 2
 
 
 class SiteNetPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -116,11 +121,13 @@ class SiteNetPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         """Load the saved estimator folder from the artifact ``estimator``; the output column
         name comes from the model config (``output_name``)."""
+        from matbench_dim.ensemble import SiteNetDIMEnsemble, is_saved_ensemble
         from matbench_dim.estimator import SiteNetDIMRegressor
 
         self.output_name = (context.model_config or {}).get("output_name", self.output_name)
         path = context.artifacts[ESTIMATOR_ARTIFACT]
-        self.estimator_ = SiteNetDIMRegressor.load(path)
+        kind = SiteNetDIMEnsemble if is_saved_ensemble(path) else SiteNetDIMRegressor
+        self.estimator_ = kind.load(path)
         logger.info("loaded %s from %s", type(self.estimator_).__name__, path)
 
     # MLflow reads predict's type hints; ``pd.DataFrame`` is one it accepts without deriving a
@@ -128,7 +135,8 @@ class SiteNetPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> Any:
-        """Predict for each CIF of ``model_input[cif]``; returns a one-column DataFrame."""
+        """Predict for each CIF of ``model_input[cif]``: a DataFrame with ``output_name`` (and
+        ``<output_name>_std`` for an ensemble)."""
         if self.estimator_ is None:
             self.load_context(context)
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -138,6 +146,10 @@ class SiteNetPyfuncModel(mlflow.pyfunc.PythonModel):
                 f"got columns {list(frame.columns)}"
             )
         structures = structures_from_cifs(list(frame[CIF_COLUMN]), index=list(frame.index))
+        if _has_std(self.estimator_):  # an ensemble: its mean and the members' spread
+            mean, std = self.estimator_.predict(structures, return_std=True)
+            columns = {self.output_name: mean, f"{self.output_name}_std": std}
+            return pd.DataFrame(columns, index=frame.index)
         pred = np.asarray(self.estimator_.predict(structures), dtype=float).reshape(-1)
         return pd.DataFrame({self.output_name: pred}, index=frame.index)
 
@@ -195,7 +207,7 @@ def log_pyfunc_model(
         name=name,
         source_run_id=run_id,
         params=dict(run.data.params),
-        model_type="SiteNetDIMRegressor",
+        model_type=type(estimator).__name__,
     )
     with tempfile.TemporaryDirectory(prefix="matbench_dim_pyfunc_") as tmp:
         saved = Path(tmp) / ESTIMATOR_ARTIFACT
@@ -210,7 +222,7 @@ def log_pyfunc_model(
                 python_model=__file__,
                 model_config={"output_name": output_name},
                 artifacts={ESTIMATOR_ARTIFACT: str(saved)},
-                signature=model_signature(output_name),
+                signature=model_signature(output_name, _has_std(estimator)),
                 input_example=example,
                 pip_requirements=_pip_requirements(),
             )

@@ -105,3 +105,14 @@ def test_submission_refuses_local_data_and_empty_info(tmp_path, flla_sample_task
         run_submission([flla_sample_task], tmp_path / "s", info=SubmissionInfo(authors="A"))
     with pytest.raises(ValueError, match="non-empty 'authors'"):
         SubmissionInfo(authors=" ")
+
+
+def test_submission_ensemble_records_the_members_std(jdft2d, tmp_path):
+    kwargs = {"info": SubmissionInfo(authors="A. Tester"), "estimator_params": PARAMS}
+    run_submission([jdft2d], tmp_path / "s", folds=[0], n_members=2, **kwargs)
+    d = json.loads((tmp_path / "s" / "results.json.gz").read_text())
+    fold0 = d["tasks"]["matbench_jdft2d"]["results"]["fold_0"]
+    stds = [u["std"] for u in fold0["uncertainty"].values()]
+    assert len(stds) == len(jdft2d.test_ids(0))
+    assert min(stds) > 0
+    assert fold0["parameters"]["n_members"] == 2

@@ -481,6 +481,24 @@ def test_pyfunc_model_signature_and_bad_rows(fitted_run):
         model.predict(pd.DataFrame({"structure": [good]}))
 
 
+def test_pyfunc_model_of_an_ensemble_returns_mean_and_std(store, real_structures, real_targets):
+    from matbench_dim.ensemble import SiteNetDIMEnsemble
+    from matbench_dim.estimator import SiteNetDIMRegressor
+
+    X, y = real_structures, np.asarray(real_targets, dtype=float)
+    ens = SiteNetDIMEnsemble(SiteNetDIMRegressor(**TINY), n_members=2).fit(X[:16], y[:16])
+    tracker = setup_tracking(store, "ensemble-pyfunc")
+    with tracker.start_parent_run("ens") as run:
+        info = run.log_pyfunc_model(ens, X[:2], output_name="exfoliation_en")
+    model = load_model(info.model_uri, tracker.tracking_uri)
+    names = model.metadata.get_output_schema().input_names()
+    assert names == ["exfoliation_en", "exfoliation_en_std"]
+    out = model.predict(cif_frame(X[20:]))
+    mean, std = ens.predict(X[20:], return_std=True)
+    np.testing.assert_allclose(out["exfoliation_en"], mean, rtol=1e-5)
+    np.testing.assert_allclose(out["exfoliation_en_std"], std, rtol=1e-4, atol=1e-6)
+
+
 def test_callback_survives_clone_and_pickle(fitted_run):
     import pickle
 
