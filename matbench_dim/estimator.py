@@ -336,6 +336,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         finetune__grad_clip: float = 10.0,
         finetune__encoder_lr_scale: float = 1.0,
         finetune__head_warmup_epochs: int = 0,
+        finetune__min_steps: int = 0,
     ) -> None:
         self.mode = mode
         self.encoder_init = encoder_init
@@ -390,6 +391,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         self.finetune__grad_clip = finetune__grad_clip
         self.finetune__encoder_lr_scale = finetune__encoder_lr_scale
         self.finetune__head_warmup_epochs = finetune__head_warmup_epochs
+        self.finetune__min_steps = finetune__min_steps
 
     # ------------------------------------------------------------------ configs
     def _finetune_cfg(self) -> FinetuneConfig:
@@ -482,7 +484,11 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         net = SiteNetRegressorNet(encoder, cfg.head_hidden)
         callbacks = self._callbacks()
         if cfg.patience:
-            callbacks.append(EarlyStopping("val_loss", patience=cfg.patience, stage="finetune"))
+            callbacks.append(
+                EarlyStopping(
+                    "val_loss", patience=cfg.patience, stage="finetune", min_steps=cfg.min_steps
+                )
+            )
         ft_history, best_epoch = finetune(
             net,
             records,

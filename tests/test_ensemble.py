@@ -89,6 +89,6 @@ def test_record_passes_std_to_matbench(tmp_path):
     assert [stored[i]["std"] for i in task.test_ids(0)] == pytest.approx(std)
     back = mio.load_benchmark(mio.save_benchmark(mb, tmp_path / "r.json.gz"))
     assert back.tasks_map["matbench_jdft2d"].results["fold_0"]["uncertainty"] == stored
+    m = len(task.test_ids(1))
     with pytest.raises(ValueError, match="std must be > 0"):
-        m = len(task.test_ids(1))
         mio.record(mb, "matbench_jdft2d", 1, np.full(m, 50.0), std=np.zeros(m))

@@ -186,6 +186,26 @@ def test_head_warmup_and_encoder_lr_scale(data, tmp_path):
             SiteNetDIMRegressor(**TINY, **bad).fit(x, y)
 
 
+def test_min_steps_sets_the_budget_in_optimizer_steps(data):
+    """With one optimizer step per epoch, min_steps=15 runs 15 epochs where epochs=6 would
+    run 6, early stopping (patience 1) waits for the 15 steps, and the logs count them."""
+    x, y, _ = data
+    kw = {**TINY, "random_init": True, "finetune__batch_sites": 100_000}  # one batch per epoch
+    plain = SiteNetDIMRegressor(**kw).fit(x, y)
+    assert [h["steps"] for h in plain.history_["finetune"]] == [float(k) for k in range(1, 7)]
+    longer = SiteNetDIMRegressor(**{**kw, "finetune__patience": 1}, finetune__min_steps=15).fit(
+        x, y
+    )
+    assert len(longer.history_["finetune"]) == 15
+    assert longer.history_["finetune"][-1]["steps"] == 15.0
+    # the first 6 epochs are the same training as the 6-epoch run (same seeds, same batches)
+    assert [h["train_loss"] for h in longer.history_["finetune"][:6]] == [
+        h["train_loss"] for h in plain.history_["finetune"]
+    ]
+    with pytest.raises(ValueError, match="min_steps must be >= 0"):
+        SiteNetDIMRegressor(**kw, finetune__min_steps=-1).fit(x, y)
+
+
 def test_random_init_differs_from_pretrained_start(data):
     x, y, _x_unlab = data
     rnd = SiteNetDIMRegressor(**TINY, random_init=True).fit(x, y)

@@ -80,6 +80,8 @@ class EarlyStopping(Callback):
         Smallest decrease that counts as an improvement.
     stage
         Only act on this stage (``None``: both).
+    min_steps
+        Never stop before the logs' ``steps`` (optimizer steps so far) reach this.
     """
 
     def __init__(
@@ -88,11 +90,13 @@ class EarlyStopping(Callback):
         patience: int = 20,
         min_delta: float = 0.0,
         stage: str | None = "finetune",
+        min_steps: int = 0,
     ) -> None:
         self.monitor = monitor
         self.patience = patience
         self.min_delta = min_delta
         self.stage = stage
+        self.min_steps = min_steps
         self.best_: float = math.inf
         self.wait_: int = 0
 
@@ -111,7 +115,7 @@ class EarlyStopping(Callback):
             self.best_, self.wait_ = value, 0
             return
         self.wait_ += 1
-        if self.wait_ >= self.patience:
+        if self.wait_ >= self.patience and logs.get("steps", math.inf) >= self.min_steps:
             logger.info(
                 "early stopping %s at epoch %d (%s=%.4g)", stage, epoch, self.monitor, value
             )

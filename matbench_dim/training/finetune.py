@@ -65,6 +65,11 @@ class FinetuneConfig:
     head_warmup_epochs
         Epochs that train only the head, with the encoder frozen, before the whole network is
         fine-tuned ("linear probing, then fine-tuning"; 0: none).
+    min_steps
+        Optimizer steps the fine-tuning runs at least: the epoch budget is raised to
+        ``ceil(min_steps / steps per epoch)`` when ``epochs`` would give fewer, and early
+        stopping waits for them (0: the budget is ``epochs``). A budget in steps is the same
+        amount of training at every n (at n = 100 an epoch is one or two steps).
     """
 
     epochs: int = 300
@@ -78,9 +83,14 @@ class FinetuneConfig:
     grad_clip: float = 10.0
     encoder_lr_scale: float = 1.0
     head_warmup_epochs: int = 0
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         check_loop(self, "finetune")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int):
+            raise ValueError(f"finetune min_steps must be an int, got {self.min_steps!r}")
+        if self.min_steps < 0:
+            raise ValueError(f"finetune min_steps must be >= 0, got {self.min_steps}")
         if not self.encoder_lr_scale > 0:
             raise ValueError(f"finetune encoder_lr_scale must be > 0, got {self.encoder_lr_scale}")
         if self.head_warmup_epochs < 0:
@@ -159,9 +169,13 @@ def finetune(
     call_hook(cbs, "on_train_begin", "finetune", state)
     best = {"epoch": -1, "value": math.inf, "state": None}
     val_batches = make_batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
-    bar = tqdm(range(cfg.epochs), desc="fine-tuning", unit="epoch", disable=not progress)
+    budget = cfg.epochs  # raised after the first epoch when min_steps asks for more
+    steps = 0
+    bar = tqdm(total=budget, desc="fine-tuning", unit="epoch", disable=not progress)
     try:
-        for epoch in bar:
+        epoch = -1
+        while epoch + 1 < budget:
+            epoch += 1
             torch.manual_seed(epoch_seed(seed, epoch))
             if not cfg.freeze_encoder and cfg.head_warmup_epochs:
                 warm = epoch < cfg.head_warmup_epochs
@@ -178,10 +192,19 @@ def finetune(
                 loss.backward()
                 clip_grad(list(net.parameters()), cfg.grad_clip)
                 opt.step()
+                steps += 1
                 tot += loss.item() * len(b_idx)
                 abs_err += float((pred.detach() - target).abs().sum())
                 count += len(b_idx)
-            logs = {"train_loss": tot / count, "train_mae": abs_err / count * target_scale}
+            if epoch == 0 and cfg.min_steps > steps * budget:
+                budget = math.ceil(cfg.min_steps / steps)
+                bar.total = budget
+                logger.info(
+                    "fine-tuning: %d steps per epoch; %d epochs for min_steps=%d",
+                    steps, budget, cfg.min_steps,
+                )  # fmt: skip
+            logs = {"train_loss": tot / count, "train_mae": abs_err / count * target_scale,
+                    "steps": float(steps)}  # fmt: skip
             if val_batches:
                 pred = _predict_batches(net, records, val_batches, device)
                 val_mae = (
@@ -202,7 +225,8 @@ def finetune(
             state.epoch = epoch
             bar.set_postfix(loss=f"{monitor:.4g}")
             call_hook(cbs, "on_epoch_end", "finetune", epoch, logs, state)
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            bar.update(1)
+            if cfg.patience and epoch - best["epoch"] >= cfg.patience and steps >= cfg.min_steps:
                 break
     except StopTraining:
         logger.info("fine-tuning stopped by a callback at epoch %d", state.epoch)
@@ -210,14 +234,14 @@ def finetune(
         call_hook(cbs, "on_exception", "finetune", state, exc)
         raise
     finally:
-        if progress and len(history) < cfg.epochs:  # say why the bar stops short
+        if progress and len(history) < budget:  # say why the bar stops short
             bar.set_description(f"fine-tuning stopped early (best epoch {best['epoch']})")
             bar.refresh()
         bar.close()
-    if len(history) < cfg.epochs:
+    if len(history) < budget:
         logger.info(
-            "fine-tuning stopped after %d of %d epochs; best validation epoch %d",
-            len(history), cfg.epochs, best["epoch"],
+            "fine-tuning stopped after %d of %d epochs (%d steps); best validation epoch %d",
+            len(history), budget, steps, best["epoch"],
         )  # fmt: skip
     if best["state"] is not None:
         net.load_state_dict(best["state"])
