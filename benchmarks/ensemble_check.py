@@ -33,6 +33,14 @@ from matbench_dim.runtime import configure_threads
 CSV = Path(__file__).resolve().parent / "results" / "ensemble.csv"
 
 
+def _value(raw: str) -> object:
+    """A ``-p`` value: JSON when it parses (numbers, true, null), else the string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("encoder")
@@ -45,7 +53,7 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=CSV)
     args = ap.parse_args()
     configure_threads(None)
-    params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
+    params = {k: _value(v) for k, v in (p.split("=", 1) for p in args.param)}
     task = load_task(args.task)
     old = pd.read_csv(args.csv) if args.csv.is_file() else pd.DataFrame()
     X_test = task.test_inputs(args.fold)
