@@ -39,6 +39,7 @@ from matbench_dim.runtime import (
 from matbench_dim.training.callbacks import Callback, EarlyStopping
 from matbench_dim.training.common import OptimizerConfig
 from matbench_dim.training.finetune import FinetuneConfig, embed, finetune, predict
+from matbench_dim.training.precision import PRECISIONS
 from matbench_dim.training.pretrain import PretrainConfig, PretrainResult, pretrain_dim
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class _DIMParamsMixin:
             probe_targets=probe_targets,
             checkpoint_path=self.pretrain__checkpoint,
             progress=bool(self.verbose),
+            precision=self.precision,
         )
         logger.info(
             "DIM pretraining: %d crystals (%d validation), best epoch %d of %d, %.1f s",
@@ -251,6 +253,10 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         on CPU).
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    precision
+        Training arithmetic: ``"auto"`` (bf16 autocast on CUDA where supported, else fp16 with
+        a gradient scaler; float32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``
+        (:mod:`matbench_dim.training.precision`).
     callbacks
         :class:`~matbench_dim.training.callbacks.Callback` objects (tracking, pruning, checkpoints).
     cache_dir
@@ -288,6 +294,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         random_init: bool = False,
         random_state: int = 0,
         device: str = "auto",
+        precision: str = "auto",
         callbacks: Any = None,
         cache_dir: str | None = None,
         n_jobs: int = 1,
@@ -343,6 +350,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         self.random_init = random_init
         self.random_state = random_state
         self.device = device
+        self.precision = precision
         self.callbacks = callbacks
         self.cache_dir = cache_dir
         self.n_jobs = n_jobs
@@ -404,6 +412,8 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
 
     def validate_params(self) -> None:
         """Check every parameter now (``fit`` does it too); raises ``ValueError`` naming it."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for group in GROUPS:
             self._group(group)  # raises a ValueError naming the bad parameter
         self._finetune_cfg()
@@ -500,6 +510,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
             device=device,
             callbacks=callbacks,
             progress=bool(self.verbose),
+            precision=self.precision,
         )
         history["finetune"] = ft_history
         self.model_ = net
@@ -613,6 +624,7 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
         random_init: bool = False,
         random_state: int = 0,
         device: str = "auto",
+        precision: str = "auto",
         callbacks: Any = None,
         cache_dir: str | None = None,
         n_jobs: int = 1,
@@ -656,6 +668,7 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
         self.random_init = random_init
         self.random_state = random_state
         self.device = device
+        self.precision = precision
         self.callbacks = callbacks
         self.cache_dir = cache_dir
         self.n_jobs = n_jobs

@@ -516,6 +516,12 @@ class Batch:
             }
         )
 
+    def pin_memory(self) -> Batch:
+        """Copy of the batch in page-locked host memory (for non-blocking GPU copies)."""
+        return Batch(
+            **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)}
+        )
+
     def __len__(self) -> int:
         return int(self.index.shape[0])
 

@@ -29,6 +29,7 @@ from matbench_dim.training.common import (
     make_batches,
     split_train_val,
 )
+from matbench_dim.training.precision import mixed_precision, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def finetune(
     device: torch.device | str = "cpu",
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[list[dict[str, float]], int]:
     """Supervised training of ``net`` on standardised targets; restores the best epoch.
 
@@ -130,8 +132,8 @@ def finetune(
         ``(n,)`` standardised targets.
     target_scale
         Standard deviation of the raw targets, to log MAEs in target units.
-    seed, device, callbacks, progress
-        As in :func:`pretrain_dim`.
+    seed, device, callbacks, progress, precision
+        As in :func:`~matbench_dim.training.pretrain.pretrain_dim`.
 
     Returns
     -------
@@ -141,6 +143,7 @@ def finetune(
         stopping watch).
     """
     device = torch.device(device)
+    amp = mixed_precision(device, precision)
     net.to(device)
     y = torch.as_tensor(np.asarray(y_scaled, dtype=np.float32))
     train_idx, val_idx = split_train_val(len(records), cfg.val_fraction, seed + 1)
@@ -184,14 +187,16 @@ def finetune(
             net.train()
             tot, abs_err, count = 0.0, 0.0, 0
             for b_idx in make_batches(records, train_idx, cfg.batch_sites, epoch_seed(seed, epoch)):
-                batch = collate(records, b_idx).to(device)
+                batch = to_device(collate(records, b_idx), device)
                 target = y[b_idx].to(device)
-                pred = net(batch)
-                loss = loss_fn(pred, target)
+                with amp.autocast():
+                    pred = net(batch)
+                    loss = loss_fn(pred.float(), target)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                amp.backward(loss)
+                amp.unscale([opt])
                 clip_grad(list(net.parameters()), cfg.grad_clip)
-                opt.step()
+                amp.step([opt])
                 steps += 1
                 tot += loss.item() * len(b_idx)
                 abs_err += float((pred.detach() - target).abs().sum())

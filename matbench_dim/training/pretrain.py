@@ -38,6 +38,7 @@ from matbench_dim.training.common import (
     records_fingerprint,
     split_train_val,
 )
+from matbench_dim.training.precision import mixed_precision, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def pretrain_dim(
     probe_targets: np.ndarray | None = None,
     checkpoint_path: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> PretrainResult:
     """Deep InfoMax pretraining of a fresh Site-Net encoder on unlabelled crystals.
 
@@ -230,6 +232,10 @@ def pretrain_dim(
         found at start is resumed.
     progress
         Show a tqdm bar over epochs.
+    precision
+        :func:`~matbench_dim.training.precision.mixed_precision` setting of the training
+        steps (``"auto"``: bf16/fp16 autocast on CUDA, float32 on CPU); validation and the
+        monitors run in float32.
 
     Returns
     -------
@@ -250,6 +256,7 @@ def pretrain_dim(
     """
     t0 = time.perf_counter()
     device = torch.device(device)
+    amp = mixed_precision(device, precision)
     if len(records) < 2:
         raise ValueError(
             f"DIM pretraining needs at least 2 crystals (negatives), got {len(records)}"
@@ -339,19 +346,20 @@ def pretrain_dim(
                 if len(b_idx) < 2:
                     skipped_single += 1
                     continue  # DIM needs another crystal in the batch for its negatives
-                batch = collate(records, b_idx).to(device)
+                batch = to_device(collate(records, b_idx), device)
                 t = (
                     None
                     if targets is None
                     else torch.as_tensor(targets[b_idx], dtype=torch.float32, device=device)
                 )
-                out = objective(encoder, batch, gen, t)
+                with amp.autocast():
+                    out = objective(encoder, batch, gen, t)
                 for o in optimizers.values():
                     o.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                amp.backward(out["loss"])
+                amp.unscale(optimizers.values())
                 _clip_stages(optimizers, cfg.grad_clip)
-                for o in optimizers.values():
-                    o.step()
+                amp.step(optimizers.values())
                 rows.append({k: float(v) for k, v in out.items() if k != "loss"})
                 sizes.append(len(b_idx))
             logs = mean_logs(rows, sizes, "train_")
