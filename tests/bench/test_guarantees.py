@@ -100,6 +100,36 @@ def test_pretraining_methods_see_no_test_id_and_exactly_the_pool_they_report(
     assert set(map(str, res.load_predictions(cell)["id"])) == test_ids
 
 
+def test_cli_bench_dim_pretrains_on_no_test_id(task, spied, tmp_path, monkeypatch):
+    """The same guarantee through the command line (`bench --methods dim`), in this process."""
+    from typer.testing import CliRunner
+
+    from matbench_dim.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    tiny = [arg for k, v in {**TINY, "pretrain__epochs": 1, "finetune__epochs": 2}.items()
+            for arg in ("-p", f"{k}={v}")]  # fmt: skip
+    args = ["bench", "--tasks", "sample:perovskites_subset", "--methods", "dim", "--n-labels",
+            "10", "--folds", "0", "--seeds", "0", "--max-train-structures", "60",
+            "--n-jobs", "1", "--out", "b", "--no-tracking", *tiny]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output[-3000:]
+    kinds = [kind for kind, _ in spied]
+    assert kinds[0] == "pretrain"
+    assert "fit" in kinds
+    test_ids = {str(i) for i in task.test_ids(0)}
+    for kind, ids in spied:
+        if kind in ("pretrain", "fit", "fit_unlabeled"):
+            assert not set(ids) & test_ids, f"bench --methods dim: {kind} saw test ids"
+    (manifest,) = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "b" / "pretrained").rglob("*.json")
+        if "pool_sha256" in p.read_text()
+    ]
+    assert res.ids_sha256(spied[0][1]) == manifest["pool_sha256"]
+    assert len(spied[0][1]) == manifest["n_pretrain"] == 60
+
+
 class EncoderAtFinetuneStart(Callback):
     """Copies the encoder's weights when fine-tuning begins."""
 

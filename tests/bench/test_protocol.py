@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_settings import TINY
 
 from matbench_dim.bench import results as res
 from matbench_dim.bench.baselines import DummyMeanRegressor
@@ -287,6 +288,31 @@ def test_joblib_processes_match_sequential(small_task, tmp_path):
     a, b = res.load_results(tmp_path / "seq"), res.load_results(tmp_path / "par")
     assert len(a) == len(b) == 16
     np.testing.assert_allclose(a["mae"], b["mae"], rtol=1e-12)
+
+
+def test_joblib_processes_match_sequential_for_site_net(small_task, tmp_path):
+    """Worker processes give the Site-Net methods bit-identical predictions: the pretrained
+    encoder is shared through the results folder, seeds and thread counts travel along."""
+    params = {"estimator_params": {**TINY, "pretrain__epochs": 1, "finetune__epochs": 2}}
+    grid = {
+        "folds": [0],
+        "n_labels": [10],
+        "seeds": [0, 1],
+        "methods": ["dim", "random_init"],
+        "method_params": {"dim": params, "random_init": params},
+    }
+    run_cells([small_task], tmp_path / "seq", n_jobs=1, **grid)
+    run_cells([small_task], tmp_path / "par", n_jobs=2, backend="loky", **grid)
+    a, b = res.load_results(tmp_path / "seq"), res.load_results(tmp_path / "par")
+    assert len(a) == len(b) == 4
+    key = ["method", "n", "seed"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert a["mae"].tolist() == b["mae"].tolist()  # bit-identical, not just close
+    for pa, pb in zip(a["path"], b["path"], strict=True):
+        assert (
+            res.load_predictions(pa)["y_pred"].tolist()
+            == res.load_predictions(pb)["y_pred"].tolist()
+        )
 
 
 def test_dask_backend_on_local_cluster(small_task, tmp_path):

@@ -176,11 +176,28 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
     resumed = client.get_metric_history(run_id, "pretrain/train_dim_loss")
     assert [m.step for m in resumed] == [1]  # only the epoch run after resuming
 
+    import torch
+
+    from matbench_dim import estimator as est_module
+    from matbench_dim.estimator import PretrainedEncoder
+
+    starts = []
+    original_finetune = est_module.finetune
+
+    def capture(net, *a, **kw):  # the encoder's weights as each fine-tuning begins
+        starts.append({k: v.detach().clone() for k, v in net.encoder.state_dict().items()})
+        return original_finetune(net, *a, **kw)
+
+    monkeypatch.setattr(est_module, "finetune", capture)
     out = tmp_path / "run"
     result = invoke(
         "run", "--fold", 1, "--finetune-epochs", 2, "--n-labels", 20, "--out", out,
         "--encoder-from", f"runs:/{run_id}/encoder", "--tracking-uri", store, *TINY,
     )  # fmt: skip
+    saved = PretrainedEncoder.load(tmp_path / "pre" / "encoder").state_dict
+    same = [all(torch.equal(s[k], saved[k]) for k in saved) for s in starts]
+    assert sorted(same) == [False, True]  # the DIM fine-tune starts bitwise from the run's
+    # encoder (downloaded from MLflow); the random-init comparison does not
     assert "fine-tuning the encoder" in result.output
     assert "fine-tuned from the given encoder:" in result.output
     assert "from random weights:" in result.output
