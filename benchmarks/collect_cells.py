@@ -1,7 +1,7 @@
 """Collect finished label-masking cells into one committed CSV, and print its tables.
 
     python benchmarks/collect_cells.py add RESULTS_DIR --study NAME   # append / update rows
-    python benchmarks/collect_cells.py table [--study NAME]             # markdown tables
+    python benchmarks/collect_cells.py table [--study NAME] [--baseline-study NAME]  # tables
 
 ``benchmarks/results/label_masking.csv`` holds one row per cell: ``task, target, method,
 fold, n, seed, mae`` (the columns the study issue asks for), then ``study`` (which
@@ -49,7 +49,11 @@ def add(results_dir: Path, study: str, csv: Path = CSV) -> pd.DataFrame:
     return merged
 
 
-def tables(frame: pd.DataFrame) -> str:
+def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
+    """Markdown tables per (study, task, target). A study that did not run a paired
+    reference method (``random_init`` / ``random_rf``: they do not depend on the pretraining
+    budget) is paired with ``baseline_study``'s cells of the same (task, target, fold, n, seed),
+    and the line says so."""
     out = []
     for (study, task, target), part in frame.groupby(["study", "task", "target"], sort=True):
         ns = sorted(int(n) for n in part["n"].unique())
@@ -70,7 +74,12 @@ def tables(frame: pd.DataFrame) -> str:
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         for method, reference in PAIRS.items():
             a = part[part["method"] == method].set_index(["fold", "n", "seed"])["mae"]
-            b = part[part["method"] == reference].set_index(["fold", "n", "seed"])["mae"]
+            refs, label = part, reference
+            if not (part["method"] == reference).any() and baseline_study:
+                refs = frame[(frame["study"] == baseline_study) & (frame["task"] == task)
+                             & (frame["target"] == target)]  # fmt: skip
+                label = f"{reference} (study `{baseline_study}`)"
+            b = refs[refs["method"] == reference].set_index(["fold", "n", "seed"])["mae"]
             both = a.index.intersection(b.index)
             if both.empty:
                 continue
@@ -81,7 +90,7 @@ def tables(frame: pd.DataFrame) -> str:
                     rel = ((a[idx] - b[idx]) / b[idx]).mean() * 100
                     wins = int((a[idx] < b[idx]).sum())
                     diffs.append(f"n={n}: {rel:+.1f} % ({wins}/{len(idx)} pairs better)")
-            out.append(f"\n{method} vs {reference}, paired: " + "; ".join(diffs))
+            out.append(f"\n{method} vs {label}, paired: " + "; ".join(diffs))
         out.append("")
     return "\n".join(out)
 
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("--study", required=True)
     p_tab = sub.add_parser("table", help="print markdown tables")
     p_tab.add_argument("--study")
+    p_tab.add_argument("--baseline-study", help="pair studies without random_init with this one")
     for p in (p_add, p_tab):
         p.add_argument("--csv", type=Path, default=CSV)
     args = parser.parse_args(argv)
@@ -102,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(frame)} cells in {args.csv}")
         return 0
     frame = read(args.csv)
-    if args.study:
-        frame = frame[frame["study"] == args.study]
-    print(tables(frame))
+    shown = frame if not args.study else frame[frame["study"] == args.study]
+    print(tables(shown if not args.baseline_study else
+                 pd.concat([shown, frame[frame["study"] == args.baseline_study]]).drop_duplicates(),
+                 args.baseline_study))  # fmt: skip
     return 0
 
 
