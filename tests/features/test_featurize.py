@@ -350,6 +350,32 @@ def test_cache_ignores_unreadable_shard(real_structures, tmp_path):
     assert len(out) == 3
 
 
+def test_a_damaged_shard_is_detected_and_recomputed(real_structures, tmp_path, caplog):
+    """One flipped byte inside a shard's data (the zip's CRC catches it) or a truncated
+    shard: the damaged entries are featurized again, giving the same records as fresh."""
+    import logging
+
+    fresh = featurize(real_structures[:3], progress=False)
+    featurize(real_structures[:3], cache_dir=tmp_path, progress=False)
+    (shard,) = _cache_root(tmp_path).glob("shard-*.npz")
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside the stored arrays, not the zip directory
+    shard.write_bytes(bytes(raw))
+    calls = _count_calls()
+    with caplog.at_level(logging.WARNING, logger="matbench_dim.features.cache"):
+        try:
+            again = featurize(real_structures[:3], cache_dir=tmp_path, progress=False)
+        finally:
+            assert calls.stop() == 3  # all three recomputed
+    assert f"cache shard {shard.name} unreadable" in caplog.text
+    for a, b in zip(fresh, again, strict=True):
+        np.testing.assert_array_equal(a.super_coords, b.super_coords)
+        np.testing.assert_array_equal(a.site_features, b.site_features)
+    for shard in _cache_root(tmp_path).glob("shard-*.npz"):  # truncated: also recomputed
+        shard.write_bytes(shard.read_bytes()[:50])
+    assert len(featurize(real_structures[:3], cache_dir=tmp_path, progress=False)) == 3
+
+
 def test_cache_key_and_directory_of_existing_caches_are_kept():
     """Compatibility pin: caches written by earlier versions must stay valid.
 
