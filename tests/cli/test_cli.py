@@ -391,6 +391,23 @@ def test_bench_and_tune_take_your_own_cif_folder(tmp_path, user_cif_folder):
     assert "study my_cifs-e_form-n20-fold0: 1 trials" in tuned.stdout
 
 
+def test_bench_extra_pool_joins_pretraining_after_the_guard(tmp_path, perovskite_sample_task):
+    tiny = [*TINY, "-p", "pretrain__epochs=1", "-p", "finetune__epochs=2"]
+    args = ["bench", "--tasks", "sample:perovskites_subset", "--methods", "dim", "--n-labels", 10]
+    args += ["--folds", 0, "--seeds", 0, "--out", "b", "--no-tracking", "--extra-pool"]
+    result = invoke(*args, "sample:flla", *tiny)
+    assert "'offered': 300, 'dropped_matches': 0, 'kept': 300" in result.stderr
+    (manifest,) = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "b" / "pretrained").rglob("*.json")
+        if "pool_sha256" in p.read_text()
+    ]
+    own = len(perovskite_sample_task.unlabelled_structures(0))
+    assert manifest["n_pretrain"] == own + 300
+    again = invoke(*args, "sample:perovskites_subset", *tiny, "--out", "c")  # itself: all dropped
+    assert "'offered': 300, 'dropped_matches': 300, 'kept': 0" in again.stderr
+
+
 def test_submit_writes_a_folder_matbench_accepts_and_continues_it(tmp_path):
     from matbench.bench import MatbenchBenchmark
 
