@@ -107,6 +107,20 @@ MUTANTS = (
         "pool = [*pool, *task.test_ids(fold)[:3]]",
         ("tests/bench/test_guarantees.py",),
     ),
+    Mutant(
+        "an extra pool lets copies of the task's structures in (no structure guard)",
+        "matbench_dim/data/pool.py",
+        "    matches = matching_structures(extra, labelled, symprec)",
+        "    matches: dict[str, str] = {}",
+        ("tests/data/test_pool.py",),
+    ),
+    Mutant(
+        "a submission fits on the test fold",
+        "matbench_dim/bench/submission.py",
+        "            X, y = task.train_data(fold)",
+        "            X, y = task.test_inputs(fold), task.test_targets(fold)",
+        ("tests/bench/test_submission.py",),
+    ),
 )
 
 
