@@ -43,7 +43,11 @@ def test_jsd_bound_increases_and_discriminator_learns(records):
     assert last["val_dim_global"] < first["val_dim_global"] - 0.05
     assert last["train_acc_global"] > 0.55
     assert last["val_acc_global"] > 0.6
-    assert last["train_dim_local"] < first["train_dim_local"]
+    # the local stage too: its loss falls by a margin (1.42 -> 1.32 here) and its critic
+    # beats chance (0.61 / 0.66), not merely "any decrease"
+    assert last["train_dim_local"] < first["train_dim_local"] - 0.05
+    assert last["train_acc_local"] > 0.55
+    assert last["val_acc_local"] > 0.55
     assert {"val_dim_loss", "val_acc_global", "train_probe_composition"} <= set(last)
 
 
