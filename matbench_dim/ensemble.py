@@ -66,6 +66,11 @@ class SiteNetDIMEnsemble(RegressorMixin, BaseEstimator):
         self.estimator = estimator
         self.n_members = n_members
 
+    @property
+    def predicts_std(self) -> bool:
+        """True when ``predict(X, return_std=True)`` works (two members or more)."""
+        return isinstance(self.n_members, int) and self.n_members >= 2
+
     def _template(self) -> SiteNetDIMRegressor:
         base = self.estimator if self.estimator is not None else SiteNetDIMRegressor()
         return clone(base)

@@ -113,6 +113,7 @@ class CellOutput:
     result: res.CellResult
     test_ids: list[str]
     predictions: np.ndarray
+    std: np.ndarray | None = None
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
@@ -274,7 +275,13 @@ def run_cell(
         )
         t0 = time.perf_counter()
         estimator.fit(X_train, y_train.to_numpy(dtype=float))
-        predictions = np.asarray(estimator.predict(X_test), dtype=np.float64).ravel()
+        std = None
+        if getattr(estimator, "predicts_std", False):  # an ensemble: mean and spread
+            mean, spread = estimator.predict(X_test, return_std=True)
+            predictions = np.asarray(mean, dtype=np.float64).ravel()
+            std = np.asarray(spread, dtype=np.float64).ravel()
+        else:
+            predictions = np.asarray(estimator.predict(X_test), dtype=np.float64).ravel()
         wall = time.perf_counter() - t0
         if predictions.shape != (len(test_ids),):
             raise ValueError(
@@ -309,6 +316,6 @@ def run_cell(
             versions=res.library_versions(),
             **metrics,
         )
-        res.write_cell(out, result, list(test_ids), y_true, predictions)
+        res.write_cell(out, result, list(test_ids), y_true, predictions, std)
     logger.info("%s: MAE %.4g (%.1f s)", where, result.mae, wall)
-    return CellOutput(cell, result, [str(i) for i in test_ids], predictions)
+    return CellOutput(cell, result, [str(i) for i in test_ids], predictions, std)

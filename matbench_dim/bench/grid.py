@@ -381,6 +381,7 @@ def _run_pending(
             task = tasks_by_key[(output.cell.task, output.cell.target)]
             if recorder is not None and task.is_matbench:
                 predictions = pd.Series(output.predictions, index=output.test_ids)
+                std = None if output.std is None else pd.Series(output.std, index=output.test_ids)
                 subset = draw_subset(
                     task.train_ids(output.cell.fold),
                     output.cell.n,
@@ -388,7 +389,7 @@ def _run_pending(
                     output.cell.seed,
                 )
                 summary.n_recorded += recorder.record(
-                    task, output.cell, output.result, predictions, subset
+                    task, output.cell, output.result, predictions, subset, std
                 )
 
         # Phase 1: the pretrainings, with the cells that need none beside them (baselines,
@@ -434,5 +435,8 @@ def _record_saved(recorder: rec.MatbenchRecorder, task: Task, cell: Cell, json_p
     result = res.read_cell(json_path)
     preds = res.load_predictions(json_path)
     predictions = pd.Series(preds["y_pred"].to_numpy(float), index=preds["id"].tolist())
+    std = None
+    if "y_std" in preds:
+        std = pd.Series(preds["y_std"].to_numpy(float), index=preds["id"].tolist())
     subset = draw_subset(task.train_ids(cell.fold), cell.n, cell.fold, cell.seed)
-    return recorder.record(task, cell, result, predictions, subset)
+    return recorder.record(task, cell, result, predictions, subset, std)

@@ -153,7 +153,7 @@ class EstimatorMethod(Method):
 
 
 BASELINE_NAMES = ("dummy_mean", "zero", "median", "rf_magpie", "rf_sine_coulomb")
-SITENET_NAMES = ("dim", "random_init", "transfer", "dim_rf", "random_rf")
+SITENET_NAMES = ("dim", "random_init", "transfer", "dim_rf", "random_rf", "dim_ensemble")
 METHOD_NAMES = BASELINE_NAMES + SITENET_NAMES
 DEFAULT_METHODS = ("dummy_mean", "rf_magpie", "dim", "random_init")
 BAND_GAP_BASELINES = ("zero", "median")
@@ -202,7 +202,9 @@ class SiteNetMethod(Method):
     ``random_init``: fine-tune from random weights; ``transfer``: supervised pretraining on
     ``transfer_target`` (the fold's training entries labelled with it), then fine-tune;
     ``dim_rf`` / ``random_rf``: a random forest (200 trees, seeded) on frozen global vectors of
-    the DIM-pretrained / randomly initialised encoder.
+    the DIM-pretrained / randomly initialised encoder; ``dim_ensemble``: ``n_members``
+    fine-tunes from the same DIM encoder as ``dim`` (:class:`~matbench_dim.ensemble.SiteNetDIMEnsemble`;
+    its member 0 is the ``dim`` cell), predicting the mean and the members' std.
 
     Parameters
     ----------
@@ -223,6 +225,7 @@ class SiteNetMethod(Method):
         estimator_params: dict[str, Any] | None = None,
         transfer_target: str | None = None,
         n_estimators: int = 200,
+        n_members: int = 5,
     ) -> None:
         if name not in SITENET_NAMES:
             raise ValueError(f"unknown Site-Net method {name!r}; choose from {SITENET_NAMES}")
@@ -234,6 +237,7 @@ class SiteNetMethod(Method):
         self.estimator_params = dict(estimator_params or {})
         self.transfer_target = transfer_target
         self.n_estimators = n_estimators
+        self.n_members = n_members
         self.mode = "representation" if name.endswith("_rf") else "transfer"
         self.cache_dir: str | None = None
         self.callbacks: list[Any] = []
@@ -241,8 +245,8 @@ class SiteNetMethod(Method):
         digest = hashlib.sha256(
             json.dumps(_json_safe(semantic), sort_keys=True).encode()
         ).hexdigest()[:10]
-        self.pretrain_label_free = name in ("dim", "dim_rf")
-        if name in ("dim", "dim_rf"):
+        self.pretrain_label_free = name in ("dim", "dim_rf", "dim_ensemble")
+        if name in ("dim", "dim_rf", "dim_ensemble"):
             self.pretrain_key = f"dim-{digest}"
         elif name == "transfer":
             self.pretrain_key = f"transfer-{res.safe_name(transfer_target or '')}-{digest}"
@@ -282,7 +286,7 @@ class SiteNetMethod(Method):
         from matbench_dim.estimator import PretrainedEncoder, SiteNetDIMRegressor
 
         kw = self._params(SiteNetDIMRegressor, random_state)
-        if self.name in ("dim", "dim_rf"):
+        if self.pretrain_label_free:
             SiteNetDIMRegressor(**kw).pretrain(X).save_encoder(path)
             return
         other = load_task(task.name, target=self.transfer_target)
@@ -316,6 +320,13 @@ class SiteNetMethod(Method):
         if self.pretrain_key is not None and pretrained is None:
             raise ValueError(f"method {self.name!r} needs its pretrained encoder")
         init = None if pretrained is None else str(pretrained)
+        if self.name == "dim_ensemble":
+            from matbench_dim.ensemble import SiteNetDIMEnsemble
+
+            member = SiteNetDIMRegressor(
+                **self._params(SiteNetDIMRegressor, random_state, encoder_init=init)
+            )
+            return SiteNetDIMEnsemble(member, n_members=self.n_members)
         if self.mode == "transfer":
             return SiteNetDIMRegressor(
                 **self._params(
@@ -346,6 +357,8 @@ class SiteNetMethod(Method):
             out["transfer_target"] = self.transfer_target
         if self.mode == "representation":
             out["n_estimators"] = self.n_estimators
+        if self.name == "dim_ensemble":
+            out["n_members"] = self.n_members
         return out
 
 

@@ -125,6 +125,7 @@ class MatbenchRecorder:
         result: res.CellResult,
         predictions: pd.Series,
         subset: Sequence[Any],
+        std: pd.Series | None = None,
     ) -> bool:
         """Record the cell's test ``predictions`` (indexed by test id) and save the file,
         unless the fold is already recorded; return whether it recorded."""
@@ -134,7 +135,7 @@ class MatbenchRecorder:
         if mb.tasks_map[task.name].is_recorded[cell.fold]:
             return False
         params = matbench_params(cell, result, [str(i) for i in subset])
-        matbench_io.record(mb, task.name, cell.fold, predictions, params=params)
+        matbench_io.record(mb, task.name, cell.fold, predictions, params=params, std=std)
         matbench_io.save_benchmark(mb, path)
         return True
 

@@ -266,6 +266,41 @@ def _paired_markdown(paired: pd.DataFrame, reference: str, digits: int = 3) -> s
     return "\n".join(lines) + "\n"
 
 
+def calibration_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Calibration of the cells that predicted a std (``y_std`` beside their predictions):
+    per (task, target, method, n), the mean over (fold, seed) of the coverage of
+    ``mean ± 1 std`` / ``± 2 std`` (ideal 0.683 / 0.954), the miscalibration area (0 ideal),
+    the mean predicted std and the number of cells."""
+    from matbench_dim.bench.calibration import calibration_summary
+    from matbench_dim.bench.results import load_predictions
+
+    rows = []
+    if "path" not in results.columns:  # frames built in memory carry no predictions
+        return pd.DataFrame()
+    for _, cell in results.iterrows():
+        preds = load_predictions(cell["path"])
+        if "y_std" not in preds:
+            continue
+        summary = calibration_summary(preds["y_true"], preds["y_pred"], preds["y_std"])
+        rows.append({k: cell[k] for k in ("task", "target", "method", "n")} | summary)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    keys = ["task", "target", "method", "n"]
+    out = frame.groupby(keys).mean(numeric_only=True)
+    return out.assign(cells=frame.groupby(keys).size()).reset_index()
+
+
+def _calibration_markdown(calib: pd.DataFrame) -> str:
+    cols = ["method", "n", "coverage_1sigma", "coverage_2sigma", "miscalibration_area",
+            "mean_std", "cells"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for _, row in calib.iterrows():
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     out: str | Path,
     dest: str | Path | None = None,
@@ -319,6 +354,13 @@ def write_report(
             if not mine.empty:
                 parts.append(f"\nPaired comparison with `{ref}` over matching (fold, seed):\n\n")
                 parts.append(_paired_markdown(mine, ref))
+        calib = calibration_table(sub)
+        if not calib.empty:
+            parts.append(
+                "\nCalibration of the predicted std (coverage of mean ± 1 / 2 std, ideal "
+                "0.683 / 0.954; miscalibration area, ideal 0):\n\n"
+            )
+            parts.append(_calibration_markdown(calib))
         parts.append("\n")
     md = dest / "report.md"
     md.write_text("\n".join(parts), encoding="utf-8")

@@ -144,8 +144,10 @@ def write_cell(
     ids: Sequence[str],
     y_true: Sequence[float],
     y_pred: Sequence[float],
+    y_std: Sequence[float] | None = None,
 ) -> Path:
-    """Save a cell's predictions then its :class:`CellResult`; return the JSON path."""
+    """Save a cell's predictions (and their std, for an ensemble) then its
+    :class:`CellResult`; return the JSON path."""
     json_path, preds_path = cell_paths(
         out, result.task, result.target, result.method, result.n, result.fold, result.seed
     )
@@ -160,6 +162,8 @@ def write_cell(
             "y_pred": np.asarray(y_pred, float),
         }
     )
+    if y_std is not None:
+        frame["y_std"] = np.asarray(y_std, float)
     atomic_write_text(preds_path, frame.to_csv(index=False, float_format="%.17g"))
     if not result.created:
         result.created = datetime.now(UTC).isoformat(timespec="seconds")
@@ -177,7 +181,8 @@ def read_cell(path: str | Path) -> CellResult:
 
 
 def load_predictions(json_path: str | Path) -> pd.DataFrame:
-    """The predictions saved beside a cell JSON: columns ``id``, ``y_true``, ``y_pred``."""
+    """The predictions saved beside a cell JSON: columns ``id``, ``y_true``, ``y_pred`` (and
+    ``y_std`` for a method that predicts a spread)."""
     json_path = Path(json_path)
     preds = json_path.with_name(json_path.name.removesuffix(".json") + ".preds.csv")
     if not preds.exists():

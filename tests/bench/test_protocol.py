@@ -537,3 +537,30 @@ def test_worker_processes_mirror_the_parent_log_levels():
         timeout=120,
     )
     assert "cell done" not in silent.stderr
+
+
+def test_dim_ensemble_cells_keep_their_std_and_the_report_shows_calibration(tmp_path):
+    """``dim_ensemble`` shares ``dim``'s pretrained encoder, saves each prediction's std,
+    hands it to matbench (``record(std=...)``) and the report tabulates its calibration."""
+    from matbench_dim.bench.recording import matbench_path
+    from matbench_dim.bench.report import write_report
+
+    task = load_task("matbench_jdft2d", sample=True)
+    est = {**TINY, "pretrain__epochs": 1, "finetune__epochs": 2}
+    summary = run_cells(
+        [task], tmp_path, folds=[0], n_labels=[10], seeds=[0], methods=["dim", "dim_ensemble"],
+        method_params={"dim": {"estimator_params": est},
+                       "dim_ensemble": {"estimator_params": est, "n_members": 3}},
+        max_train_structures=60,
+    )  # fmt: skip
+    assert summary.n_pretrained == 1  # one encoder for both methods
+    cells = res.load_results(tmp_path).set_index("method")
+    preds = res.load_predictions(cells.loc["dim_ensemble", "path"])
+    assert (preds["y_std"] > 0).all()
+    assert "y_std" not in res.load_predictions(cells.loc["dim", "path"])
+    recorded = json.loads(matbench_path(tmp_path, task.name, "dim_ensemble", 10, 0).read_text())
+    fold0 = recorded["tasks"]["matbench_jdft2d"]["results"]["fold_0"]
+    assert [fold0["uncertainty"][i]["std"] for i in preds["id"]] == pytest.approx(preds["y_std"])
+    report = write_report(tmp_path)["markdown"].read_text()
+    assert "Calibration of the predicted std" in report
+    assert "| dim_ensemble | 10 |" in report
