@@ -2,6 +2,7 @@
 
     python benchmarks/collect_cells.py add RESULTS_DIR --study NAME   # append / update rows
     python benchmarks/collect_cells.py table [--study NAME] [--baseline-study NAME]  # tables
+    python benchmarks/collect_cells.py readme [--baseline-study NAME]   # README block
 
 ``benchmarks/results/label_masking.csv`` holds one row per cell: ``task, target, method,
 fold, n, seed, mae`` (the columns the study issue asks for), then ``study`` (which
@@ -95,6 +96,26 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
     return "\n".join(out)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- label-masking-tables:begin -->", "<!-- label-masking-tables:end -->"
+
+
+def write_readme(frame: pd.DataFrame, baseline_study: str | None, readme: Path = README) -> None:
+    """Replace the README's block between BEGIN and END with the tables of every study."""
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = (
+        "\n<!-- written by `python benchmarks/collect_cells.py readme"
+        + (f" --baseline-study {baseline_study}" if baseline_study else "")
+        + "` from benchmarks/results/label_masking.csv; do not edit by hand -->\n\n"
+        + tables(frame, baseline_study)
+    )
+    readme.write_text(head + BEGIN + body + "\n" + END + tail, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p_tab = sub.add_parser("table", help="print markdown tables")
     p_tab.add_argument("--study")
     p_tab.add_argument("--baseline-study", help="pair studies without random_init with this one")
-    for p in (p_add, p_tab):
+    p_readme = sub.add_parser("readme", help="rewrite the README's table block")
+    p_readme.add_argument("--baseline-study")
+    for p in (p_add, p_tab, p_readme):
         p.add_argument("--csv", type=Path, default=CSV)
     args = parser.parse_args(argv)
     if args.command == "add":
@@ -112,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(frame)} cells in {args.csv}")
         return 0
     frame = read(args.csv)
+    if args.command == "readme":
+        write_readme(frame, args.baseline_study)
+        print(f"README tables rewritten from {args.csv}")
+        return 0
     shown = frame if not args.study else frame[frame["study"] == args.study]
     print(tables(shown if not args.baseline_study else
                  pd.concat([shown, frame[frame["study"] == args.baseline_study]]).drop_duplicates(),
