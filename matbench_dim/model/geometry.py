@@ -43,10 +43,10 @@ def minimum_image_distances(
     work = torch.float32 if lattice.device.type == "mps" else torch.float64  # MPS: no float64
     lat = lattice.to(work)
     inv = torch.linalg.inv(lat)
-    # fractional coordinates per site (cheap), wrapped difference per pair, then Cartesian
-    fp = prim_coords.to(work) @ inv
-    fs = super_coords.to(work) @ inv
-    diff = fs.unsqueeze(1) - fp.unsqueeze(2)  # (B, P, S, 3)
+    # Cartesian difference per pair first (exactly 0 for a site and itself, whatever the
+    # BLAS kernel), then fractional, wrapped to [-0.5, 0.5], then Cartesian again
+    delta = super_coords.to(work).unsqueeze(1) - prim_coords.to(work).unsqueeze(2)  # (B,P,S,3)
+    diff = delta @ inv.unsqueeze(1)
     diff -= torch.round(diff)
     b, p, s = diff.shape[:3]
     cart = (diff @ lat.unsqueeze(1)).reshape(b, p * s, 3)

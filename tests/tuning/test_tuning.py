@@ -692,6 +692,7 @@ def test_real_sitenet_study_reuses_pretraining(task: Any, tmp_path: Path) -> Non
         "finetune__batch_sites": 400,
         "finetune__encoder_lr_scale": 1.0,
         "finetune__head_warmup_epochs": 0,
+        "finetune__min_steps": 0,
     }
 
 
