@@ -19,6 +19,7 @@ and n, and for ``dim`` and ``dim_rf`` the paired comparison with ``random_init``
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -56,7 +57,11 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
     budget) is paired with ``baseline_study``'s cells of the same (task, target, fold, n, seed),
     and the line says so."""
     out = []
-    for (study, task, target), part in frame.groupby(["study", "task", "target"], sort=True):
+    groups = sorted(
+        frame.groupby(["study", "task", "target"]),
+        key=lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", "/".join(g[0]))],
+    )  # natural order: 15ep before 50ep before 150ep
+    for (study, task, target), part in groups:
         ns = sorted(int(n) for n in part["n"].unique())
         seeds = sorted(int(s) for s in part["seed"].unique())
         folds = sorted(int(f) for f in part["fold"].unique())
