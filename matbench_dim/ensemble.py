@@ -119,7 +119,13 @@ class SiteNetDIMEnsemble(RegressorMixin, BaseEstimator):
     def predict_members(self, X: Any) -> np.ndarray:
         """Every member's predictions, ``(n_members, n)``, target units."""
         check_is_fitted(self, "members_")
-        return np.stack([np.asarray(m.predict(X), dtype=float) for m in self.members_])
+        from matbench_dim.features.inputs import as_structures, ids_of
+
+        first = self.members_[0]  # members share the featurizer settings: featurize once
+        structures = as_structures(X)
+        device = first._setup()
+        records = first._featurize(structures, ids_of(X, len(structures)))
+        return np.stack([m._predict_records(records, device) for m in self.members_])
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -41,6 +41,7 @@ from matbench_dim.training.common import OptimizerConfig
 from matbench_dim.training.finetune import FinetuneConfig, embed, finetune, predict
 from matbench_dim.training.precision import PRECISIONS
 from matbench_dim.training.pretrain import PretrainConfig, PretrainResult, pretrain_dim
+from matbench_dim.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -525,7 +526,12 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         structures = as_structures(X)
         device = self._setup()
-        records = self._featurize(structures, ids_of(X, len(structures)))
+        return self._predict_records(
+            self._featurize(structures, ids_of(X, len(structures))), device
+        )
+
+    def _predict_records(self, records: list[CrystalRecord], device: torch.device) -> np.ndarray:
+        """Predictions ``(n,)`` for already featurized crystals (an ensemble shares them)."""
         scaled = predict(self.model_, records, self.pretrain__batch_sites, device)
         return scaled * self.target_std_ + self.target_mean_
 
@@ -738,24 +744,3 @@ class DIMEmbedder(_DIMParamsMixin, TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features: Sequence[str] | None = None) -> np.ndarray:
         """Names ``dim_0 ... dim_{global_dim - 1}``."""
         return np.asarray([f"dim_{i}" for i in range(self.encoder__global_dim)], dtype=object)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape results (for provenance records)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in (
-        "matbench-dim",
-        "torch",
-        "numpy",
-        "pymatgen",
-        "matminer",
-        "matbench",
-        "scikit-learn",
-    ):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out

@@ -24,6 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "matbench_dim"
 RANKS: dict[str, int] = {
     "runtime": 0,
     "paths": 0,
+    "versions": 0,
     "data": 1,
     "features": 2,
     "model": 3,

@@ -21,12 +21,13 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from matbench_dim.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -230,20 +231,6 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
 def ids_sha256(ids: Iterable[Any]) -> str:
     """sha256 hex of ids joined by newlines, in the given order."""
     return hashlib.sha256("\n".join(str(i) for i in ids).encode()).hexdigest()
-
-
-_VERSIONED = ("matbench-dim", "numpy", "scikit-learn", "torch", "pymatgen", "matminer", "matbench")
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape the numbers (``"absent"`` if missing)."""
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from matbench_dim.bench.matbench_io import load_benchmark, new_benchmark, record, save_benchmark
-from matbench_dim.bench.results import library_versions
+from matbench_dim.bench.results import atomic_write_text, library_versions
 from matbench_dim.data.task import Task
 from matbench_dim.paths import check_writable
 
@@ -106,9 +106,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _source(config: Mapping[str, Any]) -> str:
