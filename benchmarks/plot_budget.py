@@ -4,7 +4,8 @@
 
 writes docs/figures/learning_curve_flla_after_wiring_fix.png (15 DIM epochs, 5 seeds, with the
 baselines) and docs/figures/flla_pretraining_budget.png (dim / dim_rf after 15, 50 and 150 DIM
-epochs beside the random-initialisation baselines, which do not depend on the budget).
+epochs beside the random-initialisation baselines, which do not depend on the budget; fold 0,
+where all three budgets ran).
 """
 
 from pathlib import Path
@@ -29,10 +30,10 @@ for study, ep in (
     ("means-to-global/dim50ep-lr1e-3-silu", 50),
     ("means-to-global/dim150ep-lr1e-3-silu", 150),
 ):
-    part = df[(df.study == study) & df.method.isin(["dim", "dim_rf"])].copy()
+    part = df[(df.study == study) & df.method.isin(["dim", "dim_rf"]) & (df.fold == 0)].copy()
     part["method"] = part["method"] + f" ({ep} ep)"
     rows.append(part)
-rows.append(s15[s15.method.isin(["random_init", "random_rf", "dummy_mean"])])
+rows.append(s15[s15.method.isin(["random_init", "random_rf", "dummy_mean"]) & (s15.fold == 0)])
 plot_learning_curve(
     pd.concat(rows),
     "flla",
