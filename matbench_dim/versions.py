@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import metadata
 
 __all__ = ["library_versions"]
@@ -9,10 +10,10 @@ __all__ = ["library_versions"]
 VERSIONED = ("matbench-dim", "numpy", "scikit-learn", "torch", "pymatgen", "matminer", "matbench")
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of :data:`VERSIONED` (``"absent"`` for a missing one)."""
+def library_versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:
+    """Installed versions of ``names`` (default :data:`VERSIONED`; ``"absent"`` if missing)."""
     out = {}
-    for name in VERSIONED:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

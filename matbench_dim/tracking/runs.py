@@ -25,13 +25,13 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from matbench_dim.training.callbacks import Callback, TrainingState
+from matbench_dim.versions import library_versions
 
 
 class _HasClient(Protocol):
@@ -156,13 +156,7 @@ def file_sha256(path: str | Path) -> str:
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the results (``"absent"`` if missing)."""
-    out = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return {"python": platform.python_version(), **library_versions(_VERSIONED)}
 
 
 def git_commit(path: str | Path | None = None) -> tuple[str, bool] | None:
