@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from matbench_dim.bench.report import method_notes
 from matbench_dim.bench.results import load_results
 
 CSV = Path(__file__).resolve().parent / "results" / "label_masking.csv"
@@ -69,6 +70,7 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
                    "test MAE, mean ± std over (fold, seed)\n")  # fmt: skip
         out.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
         out.append("|---" * (len(ns) + 1) + "|")
+        notes = method_notes(task, target, list(part["method"].unique()))
         for method, rows in part.groupby("method", sort=True):
             stats = rows.groupby("n")["mae"].agg(["mean", "std", "count"])
             cells = [
@@ -77,7 +79,9 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
                 else ""
                 for n in ns
             ]
-            out.append(f"| {method} | " + " | ".join(cells) + " |")
+            label = f"{method} (see note)" if method in notes else method
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out += [f"\nNote on {method}: {note}." for method, note in notes.items()]
         for method, reference in PAIRS.items():
             a = part[part["method"] == method].set_index(["fold", "n", "seed"])["mae"]
             refs, label = part, reference

@@ -37,7 +37,7 @@ RANKS: dict[str, int] = {
     "cli": 8,
     "__main__": 8,  # python -m matbench_dim: the command line
 }
-EDGE_LIBRARIES = ("matbench", "optuna", "mlflow", "typer", "dask", "optuna_dashboard")
+EDGE_LIBRARIES = ("matbench", "optuna", "mlflow", "typer", "dask", "optuna_dashboard", "chgnet")
 PURE_STAGES = ("model", "features")
 MAX_LINES = 800
 

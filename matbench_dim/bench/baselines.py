@@ -11,7 +11,9 @@ Baselines
 - :class:`MedianRegressor` predicts the training median (``median``).
 - :class:`FeaturizedForest` is a random forest (200 trees, seeded) on fixed descriptors:
   ``featurizer="magpie"`` (matminer's ``ElementProperty.from_preset("magpie")`` composition
-  statistics, 132 features; ``rf_magpie``) or ``featurizer="sine_coulomb"`` (``rf_sine_coulomb``).
+  statistics, 132 features; ``rf_magpie``), ``featurizer="sine_coulomb"`` (``rf_sine_coulomb``)
+  or ``featurizer="chgnet"`` (frozen CHGNet crystal features, optional extra; ``chgnet_rf``,
+  :mod:`matbench_dim.bench.chgnet_features`).
 
 Structure descriptor choice: the sorted eigenvalues of matminer's ``SineCoulombMatrix``.
 It costs well under a millisecond per crystal of up to ~50 sites, never fails on an ordered
@@ -168,9 +170,16 @@ class SineCoulombFeaturizer:
         return eig
 
 
-FEATURIZERS: dict[str, type] = {
+def _chgnet_featurizer() -> Any:
+    from matbench_dim.bench.chgnet_features import ChgnetFeaturizer
+
+    return ChgnetFeaturizer()
+
+
+FEATURIZERS: dict[str, Any] = {
     MagpieFeaturizer.name: MagpieFeaturizer,
     SineCoulombFeaturizer.name: SineCoulombFeaturizer,
+    "chgnet": _chgnet_featurizer,
 }
 
 
@@ -190,11 +199,14 @@ class FeatureCache:
     Parameters
     ----------
     featurizer
-        Name in :data:`FEATURIZERS` (``"magpie"`` or ``"sine_coulomb"``).
+        Name in :data:`FEATURIZERS` (``"magpie"``, ``"sine_coulomb"`` or ``"chgnet"``).
+    chunk_size
+        Entries per call of a batched featurizer's ``featurize_many``.
     """
 
-    def __init__(self, featurizer: str) -> None:
+    def __init__(self, featurizer: str, chunk_size: int = 64) -> None:
         self.featurizer = featurizer
+        self.chunk_size = chunk_size
         self._impl = _make_featurizer(featurizer)
         self._store: dict[str, np.ndarray] = {}
         self._loaded: set[str] = set()
@@ -212,25 +224,44 @@ class FeatureCache:
         """
         items = _as_list(X)
         names = list(names) if names is not None else entry_names(X)
-        out: list[np.ndarray] = []
-        n_new = 0
-        for item, name in zip(items, names, strict=True):
-            key = item_key(item)
-            vec = self._store.get(key)
-            if vec is None:
+        if len(names) != len(items):
+            raise ValueError(f"{len(items)} entries but {len(names)} names")
+        keys = [item_key(item) for item in items]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        missing = sorted(i for key, i in first.items() if key not in self._store)
+        many = getattr(self._impl, "featurize_many", None)
+        if many is not None and len(missing) > 1:
+            # batched featurizers (CHGNet): one model call per chunk; a chunk that fails is
+            # redone one entry at a time below, so that the error names the entry
+            for start in range(0, len(missing), self.chunk_size):
+                chunk = missing[start : start + self.chunk_size]
                 try:
-                    vec = self._impl.featurize_one(item)
+                    vecs = many([items[i] for i in chunk])
+                except ImportError:
+                    raise  # a missing optional package, not a bad entry
                 except Exception as exc:
-                    formula = _safe_formula(item)
-                    raise FeaturizationError(
-                        f"featurizer {self.featurizer!r} failed on entry {name} ({formula}): {exc}"
-                    ) from exc
-                self._store[key] = vec
+                    logger.debug("%s: batch failed (%s); one entry at a time", self.featurizer, exc)
+                    continue
+                for i, vec in zip(chunk, vecs, strict=True):
+                    self._store[keys[i]] = vec
+        n_new = 0
+        for i in missing:
+            if keys[i] in self._store:
                 n_new += 1
-            out.append(vec)
+                continue
+            try:
+                self._store[keys[i]] = self._impl.featurize_one(items[i])
+            except ImportError:
+                raise
+            except Exception as exc:
+                formula = _safe_formula(items[i])
+                raise FeaturizationError(
+                    f"featurizer {self.featurizer!r} failed on entry {names[i]} ({formula}): {exc}"
+                ) from exc
+            n_new += 1
         if n_new:
             logger.debug("%s: computed %d new descriptors", self.featurizer, n_new)
-        return out
+        return [self._store[key] for key in keys]
 
     def save(self, path: str | Path) -> Path:
         """Write the cache to ``path`` (``.npz``: keys, flat values, offsets), atomically."""
@@ -337,7 +368,7 @@ class FeaturizedForest(RegressorMixin, BaseEstimator):
     Parameters
     ----------
     featurizer
-        ``"magpie"`` (composition) or ``"sine_coulomb"`` (structure).
+        ``"magpie"`` (composition), ``"sine_coulomb"`` or ``"chgnet"`` (structure).
     n_estimators
         Trees (200 by default, as in the reference anchors).
     random_state

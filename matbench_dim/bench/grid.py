@@ -53,6 +53,7 @@ from matbench_dim.bench.cells import (
     run_pretrain,
 )
 from matbench_dim.bench.methods import (
+    OPTIONAL_METHODS,
     Method,
     make_method,
 )
@@ -63,7 +64,14 @@ from matbench_dim.paths import check_writable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_N_LABELS", "DEFAULT_SEEDS", "GridSummary", "grid_cells", "run_grid"]
+__all__ = [
+    "DEFAULT_N_LABELS",
+    "DEFAULT_SEEDS",
+    "GridSummary",
+    "grid_cells",
+    "run_grid",
+    "unavailable_methods",
+]
 
 DEFAULT_N_LABELS: tuple[int, ...] = (50, 100, 250, 500, 1000)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -83,6 +91,8 @@ class GridSummary:
     out: Path = field(default_factory=Path)
     tracking_runs: dict[str, str] = field(default_factory=dict)
     """MLflow parent run id per ``"<task>/<target>"`` (tracked tasks with cells run)."""
+    skipped_methods: dict[str, str] = field(default_factory=dict)
+    """Methods left out because an optional package is missing: name -> why."""
 
     def results(self) -> pd.DataFrame:
         """Every cell under ``out`` (see :func:`matbench_dim.bench.results.load_results`)."""
@@ -212,15 +222,19 @@ def run_grid(
     t_start = time.perf_counter()
     out = check_writable(out)  # a clear error now rather than after hours of work
     params = method_params or {}
+    summary = GridSummary(out=out)
+    for name, why in unavailable_methods(methods).items():
+        logger.warning("skipping %s: %s", name, why)
+        summary.skipped_methods[name] = why
     method_objs = [
         make_method(m, **params.get(m if isinstance(m, str) else m.name, {})).for_run(out)
         for m in methods
+        if not (isinstance(m, str) and m in summary.skipped_methods)
     ]
     names = [m.name for m in method_objs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate method names: {names}")
     prepared = [_prepare_task(_as_task_ref(t, data_home), folds, n_labels) for t in tasks]
-    summary = GridSummary(out=out)
     recorder = rec.MatbenchRecorder(out)
     pending: list[tuple[TaskRef | Task, Task, Method, Cell]] = []
     for ref, task, task_folds in prepared:
@@ -275,6 +289,21 @@ def run_grid(
         summary.wall_s,
     )
     return summary
+
+
+def unavailable_methods(methods: Sequence[str | Method]) -> dict[str, str]:
+    """The methods of ``methods`` whose optional package is not installed: name -> message."""
+    import importlib.util
+
+    from matbench_dim.bench.chgnet_features import MISSING_MESSAGE
+
+    messages = {"chgnet": MISSING_MESSAGE}
+    out: dict[str, str] = {}
+    for m in methods:
+        package = OPTIONAL_METHODS.get(m) if isinstance(m, str) else None
+        if package is not None and importlib.util.find_spec(package) is None:
+            out[m] = messages.get(package, f"{m} needs the optional package {package!r}")
+    return out
 
 
 def _prepare_task(

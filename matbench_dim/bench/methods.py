@@ -152,7 +152,10 @@ class EstimatorMethod(Method):
         return {"estimator": type(self.estimator).__name__, **params}
 
 
-BASELINE_NAMES = ("dummy_mean", "zero", "median", "rf_magpie", "rf_sine_coulomb")
+BASELINE_NAMES = ("dummy_mean", "zero", "median", "rf_magpie", "rf_sine_coulomb", "chgnet_rf")
+OPTIONAL_METHODS = {"chgnet_rf": "chgnet"}
+"""Methods that need an optional package (method -> import name); the grid skips them, with
+a message, when the package is not installed."""
 SITENET_NAMES = ("dim", "random_init", "transfer", "dim_rf", "random_rf", "dim_ensemble")
 METHOD_NAMES = BASELINE_NAMES + SITENET_NAMES
 DEFAULT_METHODS = ("dummy_mean", "rf_magpie", "dim", "random_init")
@@ -184,6 +187,7 @@ def baseline_method(name: str, **params: Any) -> EstimatorMethod:
         "median": (bl.MedianRegressor, None),
         "rf_magpie": (lambda **kw: bl.FeaturizedForest("magpie", **kw), "magpie"),
         "rf_sine_coulomb": (lambda **kw: bl.FeaturizedForest("sine_coulomb", **kw), "sine_coulomb"),
+        "chgnet_rf": (lambda **kw: bl.FeaturizedForest("chgnet", **kw), "chgnet"),
     }
     if name not in factories:
         raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")

@@ -221,10 +221,28 @@ def _fmt(x: float, digits: int) -> str:
     return f"{x:.{digits}f}"
 
 
+def method_notes(task: str, target: str, methods: Sequence[str]) -> dict[str, str]:
+    """Caveats to print beside some methods' numbers on ``task``: method -> note.
+
+    ``chgnet_rf`` on a Materials-Project-derived task: CHGNet's training set already holds
+    the test-fold structures (and, for an energy target, their energies).
+    """
+    from matbench_dim.bench.chgnet_features import overlap_note
+
+    notes: dict[str, str] = {}
+    if "chgnet_rf" in methods:
+        note = overlap_note(task, target)
+        if note is not None:
+            notes["chgnet_rf"] = note
+    return notes
+
+
 def markdown_table(results: pd.DataFrame, task: str, target: str, digits: int = 3) -> str:
     """Markdown table of mean ± std MAE (runs) per method (rows) and n (columns).
 
-    Reference anchors for this task, when known, follow as rows named ``anchor: <method>``.
+    Reference anchors for this task, when known, follow as rows named ``anchor: <method>``;
+    a method with a caveat (:func:`method_notes`) is marked ``(see note)`` and its note
+    follows the table.
     """
     sub = summarize(results[(results["task"] == task) & (results["target"] == target)])
     if sub.empty:
@@ -234,6 +252,7 @@ def markdown_table(results: pd.DataFrame, task: str, target: str, digits: int = 
         "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
         "|---|" + "---|" * len(ns),
     ]
+    notes = method_notes(task, target, list(sub["method"].unique()))
     for method, grp in sub.groupby("method", sort=True):
         by_n = {int(r.n): r for r in grp.itertuples()}
         cells = []
@@ -244,11 +263,13 @@ def markdown_table(results: pd.DataFrame, task: str, target: str, digits: int = 
                 if r is None
                 else f"{_fmt(r.mae_mean, digits)} ± {_fmt(r.mae_std, digits)} ({r.runs})"
             )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        label = f"{method} (see note)" if method in notes else method
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for method, anchor in sorted(anchors_for(task, target).items()):
         vals = [_anchor_value(anchor, n) for n in ns]
         cells = ["" if v is None else _fmt(v, digits) for v in vals]
         lines.append(f"| anchor: {method} | " + " | ".join(cells) + " |")
+    lines += [f"\nNote on {method}: {note}." for method, note in notes.items()]
     return "\n".join(lines) + "\n"
 
 

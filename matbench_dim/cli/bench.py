@@ -146,6 +146,7 @@ def bench(
     t0 = time.perf_counter()
     totals = {"cells": 0, "run": 0, "skipped": 0, "pretrained": 0, "recorded": 0}
     parents: dict[str, str] = {}
+    left_out: dict[str, str] = {}
     for call_specs, call_ns, tuned, call_methods in calls:
         est_params = {**tuned, **extra}
         method_params: dict[str, dict[str, Any]] = {
@@ -163,8 +164,10 @@ def bench(
         for key in totals:
             totals[key] += getattr(summary, f"n_{key}")
         parents.update(summary.tracking_runs)
+        left_out.update(summary.skipped_methods)
     table = summarize(summary.results())
-    lines = [
+    lines = [f"skipped {name}: {why}" for name, why in left_out.items()]
+    lines += [
         f"{totals['cells']} cells: {totals['run']} run, {totals['skipped']} already done, "
         f"{totals['pretrained']} pretrainings, {totals['recorded']} matbench records, "
         f"{time.perf_counter() - t0:.0f} s",
