@@ -2,7 +2,7 @@
 
     python benchmarks/collect_cells.py add RESULTS_DIR --study NAME   # append / update rows
     python benchmarks/collect_cells.py table [--study NAME] [--baseline-study NAME]  # tables
-    python benchmarks/collect_cells.py readme [--baseline-study NAME]   # README block
+    python benchmarks/collect_cells.py readme [--baseline-study NAME]   # README tables + figures
 
 ``benchmarks/results/label_masking.csv`` holds one row per cell: ``task, target, method,
 fold, n, seed, mae`` (the columns the study issue asks for), then ``study`` (which
@@ -13,7 +13,9 @@ cells and committed as the study goes (an interrupted study loses nothing).
 
 ``table`` prints, per (study, task, target), mean ± std over seeds of the test MAE by method
 and n, and for ``dim`` and ``dim_rf`` the paired comparison with ``random_init`` /
-``random_rf`` on the same (fold, seed): the mean relative change and the win count.
+``random_rf`` on the same (fold, seed): the mean relative change, the win count and the
+two-sided Wilcoxon signed-rank p. ``readme`` writes the same tables into the README's block
+and the figures of ``plot_budget.py`` (one command for the README's whole results part).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from matbench_dim.bench.report import method_notes
+from matbench_dim.bench.report import method_notes, wilcoxon_p
 from matbench_dim.bench.results import load_results
 
 CSV = Path(__file__).resolve().parent / "results" / "label_masking.csv"
@@ -58,10 +60,14 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
     budget) is paired with ``baseline_study``'s cells of the same (task, target, fold, n, seed),
     and the line says so."""
     out = []
+
+    def natural(text: str) -> list[int | str]:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
     groups = sorted(
         frame.groupby(["study", "task", "target"]),
-        key=lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", "/".join(g[0]))],
-    )  # natural order: 15ep before 50ep before 150ep
+        key=lambda g: (natural(g[0][0]), g[0][1], g[0][2]),
+    )  # natural order of studies (15ep before 50ep before 150ep; a study before its variants)
     for (study, task, target), part in groups:
         ns = sorted(int(n) for n in part["n"].unique())
         seeds = sorted(int(s) for s in part["seed"].unique())
@@ -99,7 +105,10 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
                 if idx:
                     rel = ((a[idx] - b[idx]) / b[idx]).mean() * 100
                     wins = int((a[idx] < b[idx]).sum())
-                    diffs.append(f"n={n}: {rel:+.1f} % ({wins}/{len(idx)} pairs better)")
+                    p = wilcoxon_p(a[idx].to_numpy(float), b[idx].to_numpy(float))
+                    diffs.append(
+                        f"n={n}: {rel:+.1f} % ({wins}/{len(idx)} pairs better, Wilcoxon p {p:.2g})"
+                    )
             out.append(f"\n{method} vs {label}, paired: " + "; ".join(diffs))
         out.append("")
     return "\n".join(out)
@@ -134,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p_tab = sub.add_parser("table", help="print markdown tables")
     p_tab.add_argument("--study")
     p_tab.add_argument("--baseline-study", help="pair studies without random_init with this one")
-    p_readme = sub.add_parser("readme", help="rewrite the README's table block")
+    p_readme = sub.add_parser("readme", help="rewrite the README's tables and figures")
     p_readme.add_argument("--baseline-study")
+    p_readme.add_argument("--no-figures", action="store_true", help="tables only")
     for p in (p_add, p_tab, p_readme):
         p.add_argument("--csv", type=Path, default=CSV)
     args = parser.parse_args(argv)
@@ -147,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "readme":
         write_readme(frame, args.baseline_study)
         print(f"README tables rewritten from {args.csv}")
+        if not args.no_figures:
+            from plot_budget import write_figures
+
+            for path in write_figures(frame):
+                print(f"figure written: {path}")
         return 0
     shown = frame if not args.study else frame[frame["study"] == args.study]
     print(tables(shown if not args.baseline_study else

@@ -44,6 +44,61 @@ def test_readme_tables_are_rewritten_from_the_csv(tmp_path):
     assert text.startswith("intro\n")
     assert text.endswith("outro\n")
     assert "| dim | 0.410 ± 0.010 |" in text
-    assert "dim vs random_init, paired: n=50: -19.6 % (3/3 pairs better)" in text
+    assert "dim vs random_init, paired: n=50: -19.6 % (3/3 pairs better, Wilcoxon p 0.25)" in text
     collect_cells.write_readme(collect_cells.read(csv), None, readme)
     assert readme.read_text() == text  # idempotent
+
+
+def test_readme_figures_are_drawn_from_the_csv(tmp_path):
+    import pandas as pd
+
+    sys.path.insert(0, str(BENCH))
+    import plot_budget
+
+    rows = [
+        {"task": task, "target": target, "method": m, "fold": 0, "n": n, "seed": s,
+         "mae": 0.5 - 0.001 * n + 0.01 * s, "study": study, "n_test": 10}
+        for task, target in (("flla", "formation_energy_per_atom"), ("perovskites_subset", "e_form"))
+        for study, _ in plot_budget.BUDGETS
+        for m in ("dim", "dim_rf", "random_init", "random_rf", "dummy_mean")
+        for n in (50, 100)
+        for s in range(2)
+    ]  # fmt: skip
+    paths = plot_budget.write_figures(pd.DataFrame(rows), tmp_path)
+    names = sorted(p.name for p in paths)
+    assert names == sorted([*plot_budget.CURVES.values(), "flla_pretraining_budget.png"])
+    assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_study_script_commands_parse_with_the_real_cli(tmp_path):
+    """benchmarks/label_masking_study.sh, dry-run with a recorder in place of matbench-dim:
+    every bench / report command it runs parses with the real CLI."""
+    import json
+    import subprocess
+
+    import typer
+    from test_readme import _parse
+
+    from matbench_dim.cli.app import app
+
+    log = tmp_path / "argv.jsonl"
+    recorder = tmp_path / "record"
+    recorder.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    recorder.chmod(0o755)
+    subprocess.run(
+        ["bash", str(BENCH / "label_masking_study.sh"), str(tmp_path / "out")],
+        env={"PATH": "/usr/bin:/bin", "MATBENCH_DIM": str(recorder), "PYTHON": str(recorder)},
+        check=True,
+        timeout=60,
+    )
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    cli = [c for c in calls if not c[0].endswith(".py")]
+    scripts = [c for c in calls if c[0].endswith(".py")]
+    assert [c[1] for c in cli].count("bench") == 4
+    assert scripts[-1][:2] == ["benchmarks/collect_cells.py", "readme"]
+    root = typer.main.get_command(app)
+    for args in cli:
+        assert _parse(root, args) == "ok", args

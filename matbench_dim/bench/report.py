@@ -127,13 +127,15 @@ def paired_comparison(
                     "pairs": len(grp),
                     "win_rate": wins / len(grp),
                     "mean_diff": float(np.mean(b - a)),
-                    "wilcoxon_p": _wilcoxon_p(a, b),
+                    "wilcoxon_p": wilcoxon_p(a, b),
                 }
             )
     return pd.DataFrame(rows, columns=cols)
 
 
-def _wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
+def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p of paired samples (1.0 when all equal, NaN when
+    undefined)."""
     if np.all(a == b):
         return 1.0
     try:
