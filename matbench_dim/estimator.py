@@ -345,6 +345,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         finetune__encoder_lr_scale: float = 1.0,
         finetune__head_warmup_epochs: int = 0,
         finetune__min_steps: int = 0,
+        finetune__patience_unit: str = "epochs",
     ) -> None:
         self.mode = mode
         self.encoder_init = encoder_init
@@ -401,6 +402,7 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         self.finetune__encoder_lr_scale = finetune__encoder_lr_scale
         self.finetune__head_warmup_epochs = finetune__head_warmup_epochs
         self.finetune__min_steps = finetune__min_steps
+        self.finetune__patience_unit = finetune__patience_unit
 
     # ------------------------------------------------------------------ configs
     def _finetune_cfg(self) -> FinetuneConfig:
@@ -497,7 +499,11 @@ class SiteNetDIMRegressor(_DIMParamsMixin, RegressorMixin, BaseEstimator):
         if cfg.patience:
             callbacks.append(
                 EarlyStopping(
-                    "val_loss", patience=cfg.patience, stage="finetune", min_steps=cfg.min_steps
+                    "val_loss",
+                    patience=cfg.patience,
+                    stage="finetune",
+                    min_steps=cfg.min_steps,
+                    unit=cfg.patience_unit,
                 )
             )
         ft_history, best_epoch = finetune(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import fields
 
@@ -204,6 +206,27 @@ def test_min_steps_sets_the_budget_in_optimizer_steps(data):
     ]
     with pytest.raises(ValueError, match="min_steps must be >= 0"):
         SiteNetDIMRegressor(**kw, finetune__min_steps=-1).fit(x, y)
+
+
+def test_patience_in_steps(data):
+    """With ``patience_unit="steps"`` patience counts optimizer steps: with several steps per
+    epoch, a patience of 6 steps stops at the first epoch 6 steps past the best one, where a
+    patience of 6 epochs waits 6 epochs."""
+    x, y, _ = data
+    kw = {**TINY, "random_init": True, "finetune__epochs": 40, "finetune__batch_sites": 30}
+    kw["finetune__lr"] = 1.0  # diverges: the validation MAE stops improving early
+    kw["finetune__patience"] = 6
+    by_epoch = SiteNetDIMRegressor(**kw).fit(x, y)
+    by_step = SiteNetDIMRegressor(**kw, finetune__patience_unit="steps").fit(x, y)
+    h_epoch, h_step = by_epoch.history_["finetune"], by_step.history_["finetune"]
+    assert h_step[0]["steps"] >= 2  # several steps per epoch, so the units differ
+    assert len(h_epoch) == by_epoch.best_epoch_ + 7
+    best = by_step.best_epoch_
+    stop = next(e for e in range(best + 1, 40) if h_step[e]["steps"] - h_step[best]["steps"] >= 6)
+    assert len(h_step) == stop + 1
+    assert len(h_step) < len(h_epoch)
+    with pytest.raises(ValueError, match="patience_unit must be 'epochs' or 'steps'"):
+        SiteNetDIMRegressor(**kw, finetune__patience_unit="batches").fit(x, y)
 
 
 def test_random_init_differs_from_pretrained_start(data):

@@ -68,7 +68,8 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop a stage when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+    """Stop a stage when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs
+    (or optimizer steps).
 
     Parameters
     ----------
@@ -82,6 +83,8 @@ class EarlyStopping(Callback):
         Only act on this stage (``None``: both).
     min_steps
         Never stop before the logs' ``steps`` (optimizer steps so far) reach this.
+    unit
+        ``"epochs"`` or ``"steps"``: what ``patience`` counts (steps from the logs' ``steps``).
     """
 
     def __init__(
@@ -91,17 +94,22 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         stage: str | None = "finetune",
         min_steps: int = 0,
+        unit: str = "epochs",
     ) -> None:
+        if unit not in ("epochs", "steps"):
+            raise ValueError(f"EarlyStopping unit must be 'epochs' or 'steps', got {unit!r}")
         self.monitor = monitor
         self.patience = patience
         self.min_delta = min_delta
         self.stage = stage
         self.min_steps = min_steps
+        self.unit = unit
         self.best_: float = math.inf
-        self.wait_: int = 0
+        self.wait_: float = 0
+        self.best_steps_: float = 0.0
 
     def on_train_begin(self, stage: str, state: TrainingState) -> None:
-        self.best_, self.wait_ = math.inf, 0
+        self.best_, self.wait_, self.best_steps_ = math.inf, 0, 0.0
 
     def on_epoch_end(
         self, stage: str, epoch: int, logs: dict[str, float], state: TrainingState
@@ -111,10 +119,11 @@ class EarlyStopping(Callback):
         value = logs.get(self.monitor)
         if value is None or not math.isfinite(value):
             return
+        steps = logs.get("steps", math.inf)
         if value < self.best_ - self.min_delta:
-            self.best_, self.wait_ = value, 0
+            self.best_, self.wait_, self.best_steps_ = value, 0, steps
             return
-        self.wait_ += 1
+        self.wait_ = self.wait_ + 1 if self.unit == "epochs" else steps - self.best_steps_
         if self.wait_ >= self.patience and logs.get("steps", math.inf) >= self.min_steps:
             logger.info(
                 "early stopping %s at epoch %d (%s=%.4g)", stage, epoch, self.monitor, value

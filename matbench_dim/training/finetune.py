@@ -48,7 +48,8 @@ class FinetuneConfig:
         Fraction of the labelled set held out for the best-epoch choice and early stopping
         (at least one crystal when there are 4 or more labels; none below that).
     patience
-        Epochs without improvement of the validation MAE before stopping (0: never).
+        Epochs (or optimizer steps, see ``patience_unit``) without improvement of the
+        validation MAE before stopping (0: never).
     lr
         Fine-tuning learning rate (``None``: the optimizer's ``lr``).
     loss
@@ -71,6 +72,10 @@ class FinetuneConfig:
         ``ceil(min_steps / steps per epoch)`` when ``epochs`` would give fewer, and early
         stopping waits for them (0: the budget is ``epochs``). A budget in steps is the same
         amount of training at every n (at n = 100 an epoch is one or two steps).
+    patience_unit
+        ``"epochs"`` (default) or ``"steps"``: what ``patience`` counts. In steps, the
+        patience is the same amount of training at every n, like ``min_steps``; it is checked
+        at the end of each epoch.
     """
 
     epochs: int = 300
@@ -85,9 +90,14 @@ class FinetuneConfig:
     encoder_lr_scale: float = 1.0
     head_warmup_epochs: int = 0
     min_steps: int = 0
+    patience_unit: str = "epochs"
 
     def __post_init__(self) -> None:
         check_loop(self, "finetune")
+        if self.patience_unit not in ("epochs", "steps"):
+            raise ValueError(
+                f"finetune patience_unit must be 'epochs' or 'steps', got {self.patience_unit!r}"
+            )
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int):
             raise ValueError(f"finetune min_steps must be an int, got {self.min_steps!r}")
         if self.min_steps < 0:
@@ -170,7 +180,7 @@ def finetune(
     )
     cbs = list(callbacks)
     call_hook(cbs, "on_train_begin", "finetune", state)
-    best = {"epoch": -1, "value": math.inf, "state": None}
+    best = {"epoch": -1, "steps": 0, "value": math.inf, "state": None}
     val_batches = make_batches(records, val_idx, cfg.batch_sites, None) if len(val_idx) else []
     budget = cfg.epochs  # raised after the first epoch when min_steps asks for more
     steps = 0
@@ -221,6 +231,7 @@ def finetune(
             if monitor < best["value"]:
                 best = {
                     "epoch": epoch,
+                    "steps": steps,
                     "value": monitor,
                     "state": copy.deepcopy(
                         {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -231,7 +242,10 @@ def finetune(
             bar.set_postfix(loss=f"{monitor:.4g}")
             call_hook(cbs, "on_epoch_end", "finetune", epoch, logs, state)
             bar.update(1)
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience and steps >= cfg.min_steps:
+            waited = (
+                epoch - best["epoch"] if cfg.patience_unit == "epochs" else steps - best["steps"]
+            )
+            if cfg.patience and waited >= cfg.patience and steps >= cfg.min_steps:
                 break
     except StopTraining:
         logger.info("fine-tuning stopped by a callback at epoch %d", state.epoch)
