@@ -72,8 +72,10 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
         ns = sorted(int(n) for n in part["n"].unique())
         seeds = sorted(int(s) for s in part["seed"].unique())
         folds = sorted(int(f) for f in part["fold"].unique())
+        most = int(part.groupby(["method", "n"]).size().max())
         out.append(f"**{task} / {target}** — study `{study}`, folds {folds}, seeds {seeds}; "
-                   "test MAE, mean ± std over (fold, seed)\n")  # fmt: skip
+                   "test MAE, mean ± std over (fold, seed), "
+                   f"{most} runs per cell unless marked\n")  # fmt: skip
         out.append("| method | " + " | ".join(f"n={n}" for n in ns) + " |")
         out.append("|---" * (len(ns) + 1) + "|")
         notes = method_notes(task, target, list(part["method"].unique()))
@@ -81,6 +83,7 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
             stats = rows.groupby("n")["mae"].agg(["mean", "std", "count"])
             cells = [
                 f"{stats.loc[n, 'mean']:.3f} ± {stats.loc[n, 'std']:.3f}"
+                + ("" if stats.loc[n, "count"] == most else f" ({int(stats.loc[n, 'count'])} runs)")
                 if n in stats.index
                 else ""
                 for n in ns

@@ -102,3 +102,19 @@ def test_study_script_commands_parse_with_the_real_cli(tmp_path):
     root = typer.main.get_command(app)
     for args in cli:
         assert _parse(root, args) == "ok", args
+
+
+def test_tables_mark_cells_with_fewer_runs():
+    import pandas as pd
+
+    sys.path.insert(0, str(BENCH))
+    import collect_cells
+
+    rows = [
+        {"task": "flla", "target": "e", "method": m, "fold": f, "n": n, "seed": 0, "mae": 0.3,
+         "study": "st", "n_test": 10}
+        for m in ("dim", "rf_magpie") for n in (50, 500) for f in (range(5) if n == 50 else [0])
+    ]  # fmt: skip
+    text = collect_cells.tables(pd.DataFrame(rows))
+    assert "5 runs per cell unless marked" in text
+    assert "| dim | 0.300 ± 0.000 | 0.300 ± nan (1 runs) |" in text

@@ -75,6 +75,8 @@ __all__ = [
 
 DEFAULT_N_LABELS: tuple[int, ...] = (50, 100, 250, 500, 1000)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+FEATURE_SAVE_EVERY = 2000
+"""Entries between saves of a task's descriptor file while it is being computed."""
 # --------------------------------------------------------------------------- the grid
 
 
@@ -130,9 +132,23 @@ def _features(out: Path, task: Task, featurizer: str) -> str:
         cache.update_from(path)
     before = len(cache)
     t0 = time.perf_counter()
-    cache.get(task.structures)
-    if len(cache) > before or not path.exists():
+    structures = task.structures  # a Series: its index names an entry that fails
+    for start in range(0, len(structures), FEATURE_SAVE_EVERY):
+        # saved as it goes: an interrupted featurization (CHGNet: minutes) resumes from here
+        n_cached = len(cache)
+        cache.get(structures.iloc[start : start + FEATURE_SAVE_EVERY])
+        if len(cache) > n_cached:
+            cache.save(path)
+            logger.info(
+                "%s: %s descriptors of %d of %d entries",
+                task.name,
+                featurizer,
+                min(start + FEATURE_SAVE_EVERY, len(structures)),
+                len(structures),
+            )
+    if not path.exists():
         cache.save(path)
+    if len(cache) > before:
         logger.info(
             "%s: %d %s descriptors in %.1f s",
             task.name,

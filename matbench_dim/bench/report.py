@@ -167,9 +167,11 @@ def plot_learning_curve(
     ax = fig.add_subplot()
     trivial = summary[summary["method"].isin(TRIVIAL_METHODS)]
     models = summary[~summary["method"].isin(TRIVIAL_METHODS)]
+    notes = method_notes(task, target, list(models["method"].unique()))
     for method, grp in models.groupby("method", sort=True):
+        label = f"{method} (has seen the test fold)" if method in notes else method
         ax.errorbar(
-            grp["n"], grp["mae_mean"], yerr=grp["mae_std"], marker="o", capsize=3, label=method
+            grp["n"], grp["mae_mean"], yerr=grp["mae_std"], marker="o", capsize=3, label=label
         )
     ns = sorted(summary["n"].unique())
     for method, anchor in sorted(anchors_for(task, target).items()):

@@ -96,3 +96,40 @@ def test_featurizer_failure_names_the_entry():
         FeatureCache("sine_coulomb").get(["NaCl"])
     with pytest.raises(ValueError, match="unknown featurizer"):
         FeatureCache("xrd_typo")
+
+
+def test_task_features_are_saved_as_they_go_and_resume(tmp_path, monkeypatch, flla_sample_task):
+    """An interrupted featurization of a task keeps the slices it finished, and the next run
+    computes only the rest."""
+    from matbench_dim.bench import baselines, grid
+
+    task = flla_sample_task
+    monkeypatch.setattr(grid, "FEATURE_SAVE_EVERY", 10)
+    monkeypatch.setattr(baselines, "_CACHES", {})
+    impl = baselines.get_cache("magpie")._impl
+    original, calls = impl.featurize_one, []
+
+    def dies_after_25(item):
+        if len(calls) == 25:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(item)
+
+    monkeypatch.setattr(impl, "featurize_one", dies_after_25)
+    with pytest.raises(KeyboardInterrupt):
+        grid._features(tmp_path, task, "magpie")
+    from matbench_dim.bench.results import safe_name
+
+    path = tmp_path / "features" / safe_name(task.name) / "magpie.npz"
+    with np.load(path) as saved:
+        assert len(saved["keys"]) == 20  # two finished slices of 10
+    # a new process: a fresh cache reads the file and computes only what is missing
+    monkeypatch.setattr(baselines, "_CACHES", {})
+    fresh = baselines.get_cache("magpie")._impl
+    again = []
+    monkeypatch.setattr(fresh, "featurize_one", lambda item: again.append(1) or original(item))
+    grid._features(tmp_path, task, "magpie")
+    n_unique = len({item_key(s) for s in task.structures})
+    assert len(again) == n_unique - 20
+    with np.load(path) as saved:
+        assert len(saved["keys"]) == n_unique
