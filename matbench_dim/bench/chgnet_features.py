@@ -16,7 +16,9 @@ with a message (:data:`MISSING_MESSAGE`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -102,8 +104,12 @@ class ChgnetFeaturizer:
                 raise ImportError(MISSING_MESSAGE)
             from chgnet.model import CHGNet
 
-            self._model = CHGNet.load(model_name=MODEL_VERSION, use_device="cpu", verbose=False)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):  # CHGNet prints on load, even when quiet
+                self._model = CHGNet.load(model_name=MODEL_VERSION, use_device="cpu", verbose=False)
             self._model.eval()
+            for line in printed.getvalue().splitlines():
+                logger.debug("chgnet: %s", line)
         return self._model
 
     def _predict(self, items: Sequence[Any]) -> list[np.ndarray]:

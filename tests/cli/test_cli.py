@@ -346,6 +346,30 @@ def test_bench_default_methods_add_zero_and_median_for_band_gaps(tmp_path, monke
     assert got == {"e_form": {"dummy_mean"}, "gap gllbsc": {"dummy_mean", "zero", "median"}}
 
 
+def test_bench_chgnet_rf_runs_or_is_skipped_with_a_message(tmp_path, monkeypatch):
+    import importlib.util
+
+    from matbench_dim.bench.results import load_results
+
+    args = ["bench", "--tasks", "sample:perovskites_subset", "--folds", 0, "--n-labels", 10,
+            "--seeds", 0, "--methods", "dummy_mean,chgnet_rf", "--no-tracking"]  # fmt: skip
+    if importlib.util.find_spec("chgnet") is not None:
+        result = invoke(*args, "--out", "with")
+        assert result.stdout.startswith("2 cells: 2 run")
+        assert set(load_results(tmp_path / "with")["method"]) == {"dummy_mean", "chgnet_rf"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "chgnet" else real(name, *a)
+    )
+    result = invoke(*args, "--out", "without")
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "skipped chgnet_rf: chgnet_rf needs the optional CHGNet package, which is not "
+        "installed: pip install 'matbench-dim[chgnet]'"
+    )
+    assert lines[1].startswith("1 cells: 1 run")
+
+
 # --------------------------------------------------------------------------- tune
 
 
