@@ -66,8 +66,8 @@ def tables(frame: pd.DataFrame, baseline_study: str | None = None) -> str:
 
     groups = sorted(
         frame.groupby(["study", "task", "target"]),
-        key=lambda g: (natural(g[0][0]), g[0][1], g[0][2]),
-    )  # natural order of studies (15ep before 50ep before 150ep; a study before its variants)
+        key=lambda g: (g[0][0] != baseline_study, natural(g[0][0]), g[0][1], g[0][2]),
+    )  # the baseline study first, then natural order (15ep before 50ep before 150ep)
     for (study, task, target), part in groups:
         ns = sorted(int(n) for n in part["n"].unique())
         seeds = sorted(int(s) for s in part["seed"].unique())
