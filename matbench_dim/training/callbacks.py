@@ -124,7 +124,7 @@ class EarlyStopping(Callback):
             self.best_, self.wait_, self.best_steps_ = value, 0, steps
             return
         self.wait_ = self.wait_ + 1 if self.unit == "epochs" else steps - self.best_steps_
-        if self.wait_ >= self.patience and logs.get("steps", math.inf) >= self.min_steps:
+        if self.wait_ >= self.patience and steps >= self.min_steps:
             logger.info(
                 "early stopping %s at epoch %d (%s=%.4g)", stage, epoch, self.monitor, value
             )
