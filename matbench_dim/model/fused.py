@@ -13,7 +13,8 @@ four more; it was about 60 % of a step (``benchmarks/``). Two remedies, both her
   ``sitenet`` and ``dim`` hand over.
 
 Compiled kernels are used for large float32 CPU tensors only (at least
-:data:`FUSED_MIN_NUMEL` elements: the seed's 1,200-site batches), where they pay back their
+:data:`FUSED_MIN_NUMEL` elements of per-pair work, :data:`MISH_MIN_NUMEL` for mish on its own:
+the per-pair and per-site tensors of the seed's 1,200-site batches), where they pay back their
 one-off compile time (see ``benchmarks/README.md``: tens of seconds on a cold inductor cache,
 a few on a warm one; the cache lives on disk, so later processes are warm). Small tensors,
 other dtypes and other devices use eager ATen code. ``MATBENCH_DIM_COMPILE=0`` turns compiled
@@ -38,6 +39,15 @@ logger = logging.getLogger(__name__)
 COMPILE_ENV = "MATBENCH_DIM_COMPILE"
 FUSED_MIN_NUMEL = 1 << 20
 """Smallest tensor (elements) sent to compiled kernels in the default ``auto`` mode."""
+MISH_MIN_NUMEL = 1 << 16
+"""Smallest tensor sent to the compiled mish in ``auto`` mode: ATen's mish (three
+transcendental functions, four more in backward) costs ~3.5 ns per element here, the compiled
+single-exp form under 1 ns, so per-site tensors of a 1,200-site batch (``1200 x 64``) pay."""
+
+ROW_BLOCK_BYTES = 4 << 20
+"""Target size of one block of a per-pair intermediate in the row-blocked compiled kernels
+(about the size of a core's share of the last-level cache here)."""
+MIN_BLOCK_ROWS = 8
 
 # mish(x) = x for x > 20 to float32 precision; clamping keeps exp(x)^2 finite
 _CLAMP = 20.0
@@ -103,18 +113,20 @@ def compile_mode() -> str:
     return "auto"
 
 
-def use_fused(x: Tensor, numel: int | None = None) -> bool:
+def use_fused(x: Tensor, numel: int | None = None, min_numel: int | None = None) -> bool:
     """Whether work on ``x`` goes to compiled kernels (see the module docstring).
 
     ``numel``: the size of the work when it is not ``x.numel()`` (for instance the
-    ``(R, S, width)`` tensor that a gather by an ``(R, S)`` index would build).
+    ``(R, S, width)`` tensor that a gather by an ``(R, S)`` index would build); ``min_numel``:
+    the threshold of ``auto`` mode (default :data:`FUSED_MIN_NUMEL`).
     """
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     mode = compile_mode()
     if mode == "off":
         return False
-    return mode == "always" or (x.numel() if numel is None else numel) >= FUSED_MIN_NUMEL
+    threshold = FUSED_MIN_NUMEL if min_numel is None else min_numel
+    return mode == "always" or (x.numel() if numel is None else numel) >= threshold
 
 
 def call_compiled(
@@ -153,6 +165,23 @@ def call_compiled(
     return out
 
 
+def row_blocks(n_rows: int, row_bytes: int, block_bytes: int | None = None) -> list[int]:
+    """Sizes of near-equal blocks of rows, each about ``block_bytes`` (default
+    :data:`ROW_BLOCK_BYTES`) of a per-row intermediate of ``row_bytes`` bytes.
+
+    Blocks have at least :data:`MIN_BLOCK_ROWS` rows (fewer only when ``n_rows`` is smaller),
+    so a compiled graph with a dynamic row count never meets the 0/1 sizes that it would
+    specialise on.
+    """
+    target = max(
+        MIN_BLOCK_ROWS,
+        (ROW_BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, row_bytes),
+    )
+    n_blocks = max(1, -(-n_rows // target))
+    base, extra = divmod(n_rows, n_blocks)
+    return [base + 1] * extra + [base] * (n_blocks - extra)
+
+
 def compile_seconds() -> float:
     """Wall time spent in the first call of each compiled graph in this process."""
     return float(_STATE["compile_s"])
@@ -181,6 +210,6 @@ class _FusedMish(torch.autograd.Function):
 
 def mish(x: Tensor) -> Tensor:
     """Mish: the compiled single-exp kernels for large float32 CPU tensors, else ATen's."""
-    if use_fused(x):
+    if use_fused(x, min_numel=MISH_MIN_NUMEL):
         return _FusedMish.apply(x)
     return F.mish(x)

@@ -283,10 +283,7 @@ class AttentionBlock(nn.Module):
         core = None
         act = activation_name(self.act)
         if act is not None and fused.use_fused(projected_pair):
-            dynamic = {0: (0,), 1: (0,), 2: (0, 1), 3: (0, 1), 4: (0, 1)}
-            core = fused.call_compiled(
-                "attention_core", attention_core, (*args, wl, bl, eps, act), dynamic
-            )
+            core = _attention_core_compiled(*args, wl, bl, eps, act)
         if core is None:
             core = self._core_eager(*args, wl, bl, eps)
         weights, pooled = core  # (R, S, heads), (R, heads, hidden)
@@ -350,6 +347,48 @@ def activation_name(module: nn.Module) -> str | None:
         if type(module) is cls:
             return name
     return None
+
+
+_CORE_DYNAMIC = {0: (0,), 1: (0,), 2: (0, 1), 3: (0, 1), 4: (0, 1)}
+
+
+def _attention_core_compiled(
+    neighbour_part: Tensor,
+    site_part: Tensor,
+    pair_part: Tensor,
+    neighbour_index: Tensor,
+    pair_mask: Tensor,
+    w_logits: Tensor,
+    b_logits: Tensor,
+    eps: float,
+    activation: str,
+) -> tuple[Tensor, Tensor] | None:
+    """The compiled :func:`attention_core`, one block of rows at a time (None if unavailable).
+
+    Rows are independent (each row's softmax runs over its own columns), so the rows are
+    split into blocks whose ``(rows, S, 2 hidden)`` intermediates fit in cache
+    (:func:`fused.row_blocks`): the kernel's several passes over them then read cache, not
+    memory. ``split`` (not slicing) keeps the backward pass to one concatenation.
+    """
+    sizes = fused.row_blocks(pair_part.shape[0], pair_part[0].numel() * pair_part.element_size())
+    blocks = zip(
+        site_part.split(sizes),
+        pair_part.split(sizes),
+        neighbour_index.split(sizes),
+        pair_mask.split(sizes),
+        strict=True,
+    )
+    weights, pooled = [], []
+    for sp, pp, idx, mask in blocks:
+        args = (neighbour_part, sp, pp, idx, mask, w_logits, b_logits, eps, activation)
+        out = fused.call_compiled("attention_core", attention_core, args, _CORE_DYNAMIC)
+        if out is None:
+            return None
+        weights.append(out[0])
+        pooled.append(out[1])
+    if len(sizes) == 1:
+        return weights[0], pooled[0]
+    return torch.cat(weights), torch.cat(pooled)
 
 
 def attention_core(

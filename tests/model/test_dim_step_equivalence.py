@@ -102,8 +102,16 @@ def test_step_equals_reference_in_float64(batches, enc_kw, dim_kw):
         _compare(encoder, objective, _cast(batch, torch.float64), k, 1e-10, 1e-8)
 
 
-def test_step_equals_reference_in_float32_with_compiled_kernels(batches, monkeypatch):
+@pytest.mark.parametrize("block_bytes", [fused.ROW_BLOCK_BYTES, 20_000])
+def test_step_equals_reference_in_float32_with_compiled_kernels(batches, monkeypatch, block_bytes):
+    """Compiled kernels on; with 20 kB row blocks the attention runs in several blocks."""
     monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    monkeypatch.setattr(fused, "ROW_BLOCK_BYTES", block_bytes)
+    blocks = []
+    real_row_blocks = fused.row_blocks
+    monkeypatch.setattr(
+        fused, "row_blocks", lambda *a, **k: blocks.append(real_row_blocks(*a, **k)) or blocks[-1]
+    )
     cfg = EncoderConfig()  # the seed's widths and mish
     torch.manual_seed(0)
     encoder = SiteNetEncoder(cfg)
@@ -111,6 +119,22 @@ def test_step_equals_reference_in_float32_with_compiled_kernels(batches, monkeyp
     for k, batch in enumerate(batches):
         _compare(encoder, objective, batch, k, 2e-5, 2e-3)
     assert not fused._STATE["failed"], "compiled kernels were not used"
+    assert blocks, "the row-blocked attention was not used"
+    assert max(len(b) for b in blocks) > (1 if block_bytes < fused.ROW_BLOCK_BYTES else 0)
+
+
+def test_row_blocks_cover_the_rows_in_near_equal_blocks():
+    for n, row_bytes, block in [
+        (1200, 20480, 4 << 20),
+        (7, 100, 10),
+        (1000, 1, 10**9),
+        (50, 4096, 1),
+    ]:
+        sizes = fused.row_blocks(n, row_bytes, block)
+        assert sum(sizes) == n
+        assert max(sizes) - min(sizes) <= 1
+        assert min(sizes) >= min(n, fused.MIN_BLOCK_ROWS // 2)
+        assert len(sizes) == max(1, -(-n // max(fused.MIN_BLOCK_ROWS, block // row_bytes)))
 
 
 def test_fused_mish_matches_aten(monkeypatch):
