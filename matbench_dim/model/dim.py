@@ -307,16 +307,31 @@ class _CriticView(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         site_part, index, distances, w_distance, q = ctx.saved_tensors
-        args = (site_part, index, distances, w_distance, q, grad.contiguous(), ctx.activation)
-        out = fused.call_compiled("critic_scores_grad", critic_scores_grad, args, _ROWS_GRAD)
-        grad_x, grad_q, grad_w = out if out is not None else critic_scores_grad(*args)
-        # index_add_ rather than embedding_dense_backward: same sums, ~3x faster on CPU here
-        # (benchmarks/README.md)
-        grad_site = torch.zeros_like(site_part).index_add_(
-            0, index.reshape(-1), grad_x.reshape(-1, grad_x.shape[-1])
-        )
+        grad = grad.contiguous()
+        width = site_part.shape[-1]
+        # one block of rows at a time, so that each block's (rows, S, H) gradient is still in
+        # cache when it is scattered onto the sites; index_add_ rather than
+        # embedding_dense_backward: the same sums, ~3x faster on CPU (benchmarks/README.md)
+        sizes = fused.row_blocks(index.shape[0], index.shape[1] * width * site_part.element_size())
+        grad_site = torch.zeros_like(site_part)
+        grad_q, grad_w = [], []
+        for idx, dist, qb, gb in zip(
+            index.split(sizes),
+            distances.split(sizes),
+            q.split(sizes),
+            grad.split(sizes),
+            strict=True,
+        ):
+            args = (site_part, idx, dist, w_distance, qb, gb, ctx.activation)
+            out = fused.call_compiled("critic_scores_grad", critic_scores_grad, args, _ROWS_GRAD)
+            grad_x, gq, gw = out if out is not None else critic_scores_grad(*args)
+            grad_site.index_add_(0, idx.reshape(-1), grad_x.reshape(-1, width))
+            grad_q.append(gq)
+            grad_w.append(gw)
+        grad_q_all = grad_q[0] if len(grad_q) == 1 else torch.cat(grad_q)
+        grad_w_all = grad_w[0] if len(grad_w) == 1 else torch.stack(grad_w).sum(0)
         grad_c = grad.sum(1, keepdim=True)
-        return grad_site, None, None, grad_w, grad_q, grad_c, None
+        return grad_site, None, None, grad_w_all, grad_q_all, grad_c, None
 
 
 class LocalDIMLoss(_DotCritic):
