@@ -24,12 +24,8 @@ import torch
 
 from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model.dim import DIMConfig, DIMObjective
-from matbench_dim.model.sitenet import (
-    EncoderConfig,
-    SiteNetEncoder,
-    SiteNetRegressorNet,
-    pair_inputs,
-)
+from matbench_dim.model.layout import pair_inputs
+from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
 from matbench_dim.runtime import configure_allocator, usable_cpus
 
 try:  # run as a script from the repository root or from benchmarks/

@@ -40,7 +40,8 @@ from matbench_dim.model.dim import (
     roll_shift,
     rolled_rows,
 )
-from matbench_dim.model.sitenet import AttentionBlock, LocalEncoder, PairInputs, to_padded, to_rows
+from matbench_dim.model.layout import PairInputs, to_padded, to_rows
+from matbench_dim.model.sitenet import AttentionBlock, LocalEncoder
 
 # --------------------------------------------------------------------------- encoder
 

@@ -34,17 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from matbench_dim.model import fused
+from matbench_dim.model import fused, kernels
+from matbench_dim.model.layout import PairInputs, to_padded, to_rows
 from matbench_dim.model.regularizers import DIMProbes, GaussianKL, PriorMatchingLoss
-from matbench_dim.model.sitenet import (
-    PairInputs,
-    SiteNetEncoder,
-    activation_name,
-    masked_mean,
-    projection,
-    to_padded,
-    to_rows,
-)
+from matbench_dim.model.sitenet import SiteNetEncoder, activation_name, masked_mean, projection
 
 ESTIMATORS = ("jsd", "infonce")
 
@@ -147,7 +140,7 @@ def participation_ratio(x: Any) -> float:
 class PairView(NamedTuple):
     """Pair rows shown to the local critic: ``features (R, S, F + 1)``, ``weights (R, S)``.
 
-    ``R`` rows are unique sites (see :class:`~matbench_dim.model.sitenet.PairInputs`).
+    ``R`` rows are unique sites (see :class:`~matbench_dim.model.layout.PairInputs`).
     Weights are zero on invalid pairs and sum to one over ``S`` for every row.
     """
 
@@ -235,105 +228,6 @@ class _DotCritic(nn.Module):
         self.g = projection(n_right, critic_hidden, critic_dim, activation)
 
 
-def critic_scores(
-    site_part: Tensor,
-    index: Tensor,
-    distances: Tensor,
-    w_distance: Tensor,
-    q: Tensor,
-    c: Tensor,
-    activation: str,
-) -> Tensor:
-    """Local critic scores of one view: ``(R, S)`` (the forward kernel of :class:`_CriticView`).
-
-    ``T_rs = <q_r, act(site_part[index_rs] + distances_rs w_distance)> + c_r``, with
-    ``site_part = W_s s + b`` (the site part of ``g``'s first layer, per site) and
-    ``q = W^T f(z)``, ``c = <f(z), b>`` (``g``'s last layer folded into the row side).
-    """
-    x = F.embedding(index, site_part) + distances[..., None] * w_distance
-    return (fused.ACTIVATION_FNS[activation](x) * q[:, None, :]).sum(-1) + c
-
-
-def critic_scores_grad(
-    site_part: Tensor,
-    index: Tensor,
-    distances: Tensor,
-    w_distance: Tensor,
-    q: Tensor,
-    grad: Tensor,
-    activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward kernel of :class:`_CriticView`: recomputes the rows instead of storing them.
-
-    Returns ``(grad_x (R, S, H), grad_q (R, H), grad_w_distance (H,))``; ``grad_x`` is then
-    scattered onto the sites.
-    """
-    x = F.embedding(index, site_part) + distances[..., None] * w_distance
-    a, da = fused.ACTIVATION_GRADS[activation](x)
-    g = grad[..., None]
-    grad_x = g * q[:, None, :] * da
-    grad_q = (g * a).sum(1)
-    grad_w = (grad_x * distances[..., None]).sum((0, 1))
-    return grad_x, grad_q, grad_w
-
-
-_ROWS = {0: (0,), 1: (0, 1), 2: (0, 1), 4: (0,), 5: (0,)}
-_ROWS_GRAD = {0: (0,), 1: (0, 1), 2: (0, 1), 4: (0,), 5: (0, 1)}
-
-
-class _CriticView(torch.autograd.Function):
-    """Compiled :func:`critic_scores` that keeps no ``(R, S, H)`` tensor for backward."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        site_part: Tensor,
-        index: Tensor,
-        distances: Tensor,
-        w_distance: Tensor,
-        q: Tensor,
-        c: Tensor,
-        activation: str,
-    ) -> Tensor:
-        args = (site_part, index, distances, w_distance, q, c, activation)
-        out = fused.call_compiled("critic_scores", critic_scores, args, _ROWS)
-        if out is None:
-            out = critic_scores(*args)
-        ctx.activation = activation
-        ctx.save_for_backward(site_part, index, distances, w_distance, q)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        site_part, index, distances, w_distance, q = ctx.saved_tensors
-        grad = grad.contiguous()
-        width = site_part.shape[-1]
-        # one block of rows at a time, so that each block's (rows, S, H) gradient is still in
-        # cache when it is scattered onto the sites; index_add_ rather than
-        # embedding_dense_backward: the same sums, ~3x faster on CPU (benchmarks/README.md)
-        sizes = fused.row_blocks(index.shape[0], index.shape[1] * width * site_part.element_size())
-        grad_site = torch.zeros_like(site_part)
-        grad_q, grad_w = [], []
-        for idx, dist, qb, gb in zip(
-            index.split(sizes),
-            distances.split(sizes),
-            q.split(sizes),
-            grad.split(sizes),
-            strict=True,
-        ):
-            args = (site_part, idx, dist, w_distance, qb, gb, ctx.activation)
-            out = fused.call_compiled("critic_scores_grad", critic_scores_grad, args, _ROWS_GRAD)
-            grad_x, gq, gw = out if out is not None else critic_scores_grad(*args)
-            grad_site.index_add_(0, idx.reshape(-1), grad_x.reshape(-1, width))
-            grad_q.append(gq)
-            grad_w.append(gw)
-        grad_q_all = grad_q[0] if len(grad_q) == 1 else torch.cat(grad_q)
-        grad_w_all = grad_w[0] if len(grad_w) == 1 else torch.stack(grad_w).sum(0)
-        grad_c = grad.sum(1, keepdim=True)
-        return grad_site, None, None, grad_w_all, grad_q_all, grad_c, None
-
-
 class LocalDIMLoss(_DotCritic):
     """Local DIM: site vector ``z_i`` vs its weighted pair rows, against negative rows.
 
@@ -389,7 +283,7 @@ class LocalDIMLoss(_DotCritic):
                     c,
                     act_name,
                 )
-                out.append(_CriticView.apply(*args))
+                out.append(kernels.CriticView.apply(*args))
             return out
         hidden: dict[tuple[bool, bool], Tensor] = {}
 

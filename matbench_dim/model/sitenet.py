@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from matbench_dim.model import fused
-from matbench_dim.model.geometry import coulomb_features, minimum_image_distances
+from matbench_dim.model import fused, kernels
+from matbench_dim.model.geometry import coulomb_features
+from matbench_dim.model.layout import PairInputs, pair_inputs, to_padded, to_rows
 
 N_SITE_FEATURES = 8
 
@@ -143,60 +144,6 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-class PairInputs(NamedTuple):
-    """Geometry of a batch in the *row* layout used by the attention.
-
-    Rows are the ``R`` real unique sites of the batch (crystal by crystal, in the order of
-    ``batch.prim_mask``'s True entries); columns are the ``S`` supercell-site slots of the
-    row's crystal (padded to the batch's largest supercell). Padding unique sites are
-    dropped, which on real data saves 2-4x compared with a ``(B, P, S)`` layout.
-    """
-
-    distances: Tensor
-    """``(R, S)`` minimum-image distances in Angstrom, 0 on padding columns."""
-    pair_mask: Tensor
-    """``(R, S)`` bool, True on the row crystal's real supercell sites."""
-    neighbour_index: Tensor
-    """``(R, S)`` long: the row (unique site) that each column is an image of."""
-    row_crystal: Tensor
-    """``(R,)`` long: crystal of each row."""
-    row_site: Tensor
-    """``(R,)`` long: position of each row among its crystal's unique sites."""
-    offsets: Tensor
-    """``(B,)`` long: first row of each crystal."""
-    n_sites: Tensor
-    """``(B,)`` long: unique sites of each crystal."""
-
-
-def pair_inputs(batch: Any) -> PairInputs:
-    """Compute the row-layout pair geometry of a :class:`~matbench_dim.features.featurize.Batch`."""
-    rows = batch.prim_mask.nonzero()
-    row_crystal, row_site = rows[:, 0], rows[:, 1]
-    n_sites = batch.prim_mask.sum(1)
-    offsets = torch.cumsum(n_sites, 0) - n_sites
-    d = minimum_image_distances(
-        batch.prim_coords[row_crystal, row_site][:, None, :],
-        batch.super_coords[row_crystal],
-        batch.lattice[row_crystal],
-    )[:, 0, :]
-    mask = batch.super_mask[row_crystal]
-    d = torch.where(mask, d, torch.zeros_like(d))
-    idx = offsets[row_crystal][:, None] + batch.image_of[row_crystal]
-    return PairInputs(d, mask, idx, row_crystal, row_site, offsets, n_sites)
-
-
-def to_rows(x: Tensor, site_mask: Tensor) -> Tensor:
-    """Padded per-site values ``(B, P, ...)`` -> rows ``(R, ...)``."""
-    return x[site_mask]
-
-
-def to_padded(rows: Tensor, site_mask: Tensor) -> Tensor:
-    """Rows ``(R, D)`` -> padded ``(B, P, D)`` with zeros on padding sites."""
-    out = rows.new_zeros((*site_mask.shape, rows.shape[-1]))
-    out[site_mask] = rows
-    return out
-
-
 class AttentionBlock(nn.Module):
     """One Site-Net attention block, in the row layout.
 
@@ -283,7 +230,7 @@ class AttentionBlock(nn.Module):
         core = None
         act = activation_name(self.act)
         if act is not None and fused.use_fused(projected_pair):
-            core = _attention_core_compiled(*args, wl, bl, eps, act)
+            core = kernels.attention_core_blocks(*args, wl, bl, eps, act)
         if core is None:
             core = self._core_eager(*args, wl, bl, eps)
         weights, pooled = core  # (R, S, heads), (R, heads, hidden)
@@ -308,7 +255,7 @@ class AttentionBlock(nn.Module):
         b_logits: Tensor,
         eps: float,
     ) -> tuple[Tensor, Tensor]:
-        """:func:`attention_core` in eager mode, with fewer passes over memory.
+        """:func:`.kernels.attention_core` in eager mode, with fewer passes over memory.
 
         Gather then in-place adds; the logits and the pooling read the whole normalised
         tensor (zero weights on the other half), so that their gradients are dense tensors
@@ -347,77 +294,6 @@ def activation_name(module: nn.Module) -> str | None:
         if type(module) is cls:
             return name
     return None
-
-
-_CORE_DYNAMIC = {0: (0,), 1: (0,), 2: (0, 1), 3: (0, 1), 4: (0, 1)}
-
-
-def _attention_core_compiled(
-    neighbour_part: Tensor,
-    site_part: Tensor,
-    pair_part: Tensor,
-    neighbour_index: Tensor,
-    pair_mask: Tensor,
-    w_logits: Tensor,
-    b_logits: Tensor,
-    eps: float,
-    activation: str,
-) -> tuple[Tensor, Tensor] | None:
-    """The compiled :func:`attention_core`, one block of rows at a time (None if unavailable).
-
-    Rows are independent (each row's softmax runs over its own columns), so the rows are
-    split into blocks whose ``(rows, S, 2 hidden)`` intermediates fit in cache
-    (:func:`fused.row_blocks`): the kernel's several passes over them then read cache, not
-    memory. ``split`` (not slicing) keeps the backward pass to one concatenation.
-    """
-    sizes = fused.row_blocks(pair_part.shape[0], pair_part[0].numel() * pair_part.element_size())
-    blocks = zip(
-        site_part.split(sizes),
-        pair_part.split(sizes),
-        neighbour_index.split(sizes),
-        pair_mask.split(sizes),
-        strict=True,
-    )
-    weights, pooled = [], []
-    for sp, pp, idx, mask in blocks:
-        args = (neighbour_part, sp, pp, idx, mask, w_logits, b_logits, eps, activation)
-        out = fused.call_compiled("attention_core", attention_core, args, _CORE_DYNAMIC)
-        if out is None:
-            return None
-        weights.append(out[0])
-        pooled.append(out[1])
-    if len(sizes) == 1:
-        return weights[0], pooled[0]
-    return torch.cat(weights), torch.cat(pooled)
-
-
-def attention_core(
-    neighbour_part: Tensor,
-    site_part: Tensor,
-    pair_part: Tensor,
-    neighbour_index: Tensor,
-    pair_mask: Tensor,
-    w_logits: Tensor,
-    b_logits: Tensor,
-    eps: float,
-    activation: str,
-) -> tuple[Tensor, Tensor]:
-    """Per-pair part of an attention block, written for :func:`torch.compile`.
-
-    ``hidden_ij = act(W_n h_j + W_c e_ij + W_s h_i)``, normalised (no affine) in two halves;
-    logits from the first half (``w_logits``, ``b_logits``: the logits layer with the
-    LayerNorm's affine map folded in), masked softmax over ``j``, and the attention-weighted
-    sum of the second half. Returns ``weights (R, S, heads)`` and ``pooled (R, heads, hidden)``.
-    """
-    r, s = neighbour_index.shape
-    a = pair_part.shape[-1] // 2
-    hidden = F.embedding(neighbour_index, neighbour_part) + pair_part + site_part[:, None, :]
-    hidden = fused.ACTIVATION_FNS[activation](hidden)
-    normed = F.layer_norm(hidden.view(r, s, 2, a), (a,), eps=eps)
-    logits = F.linear(normed[:, :, 0, :], w_logits, b_logits)
-    weights = torch.softmax(logits.masked_fill(~pair_mask[..., None], float("-inf")), dim=1)
-    pooled = torch.bmm(weights.transpose(1, 2), normed[:, :, 1, :])
-    return weights, pooled
 
 
 class LocalEncoder(nn.Module):
@@ -480,7 +356,7 @@ class LocalEncoder(nn.Module):
         name = activation_name(act)
         if name is not None and fused.use_fused(raw, raw.numel() * first.out_features):
             args = (raw, first.weight[:, 0], first.bias, norm.weight, norm.bias, norm.eps, name)
-            out = fused.call_compiled("pair_embedding", pair_embedding, args, {0: (0, 1)})
+            out = fused.call_compiled("pair_embedding", kernels.pair_embedding, args, {0: (0, 1)})
             if out is not None:
                 return out
         x = torch.addcmul(first.bias, raw, first.weight[:, 0])
@@ -568,20 +444,6 @@ class LocalEncoder(nn.Module):
             site_features, neighbour_index, distances, pair_mask, atomic_numbers, pair_terms
         )
         return mu, logvar
-
-
-def pair_embedding(
-    raw: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    norm_weight: Tensor,
-    norm_bias: Tensor,
-    eps: float,
-    activation: str,
-) -> Tensor:
-    """``LayerNorm(act(raw * weight + bias))`` for a one-feature ``raw (R, S, 1)`` (compiled)."""
-    x = fused.ACTIVATION_FNS[activation](raw * weight + bias)
-    return F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
 
 
 def _site_feature_stats(n_features: int) -> tuple[Tensor, Tensor]:
@@ -742,15 +604,11 @@ __all__ = [
     "EncoderOutput",
     "GlobalEncoder",
     "LocalEncoder",
-    "PairInputs",
     "SiteNetEncoder",
     "SiteNetRegressorNet",
     "count_parameters",
     "masked_mean",
-    "pair_inputs",
     "reparametrise",
-    "to_padded",
-    "to_rows",
 ]
 
 

@@ -15,7 +15,7 @@ from matbench_dim.model.dim import (
     distance_weights,
     rolled_rows,
 )
-from matbench_dim.model.sitenet import PairInputs
+from matbench_dim.model.layout import PairInputs
 
 
 def softplus(x: float) -> float:

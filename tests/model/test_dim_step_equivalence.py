@@ -23,7 +23,8 @@ import torch
 from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model import fused
 from matbench_dim.model.dim import DIMConfig, DIMObjective, local_views
-from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, pair_inputs, to_rows
+from matbench_dim.model.layout import pair_inputs, to_rows
+from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from reference_dim_step import reference_internals, reference_local_views
