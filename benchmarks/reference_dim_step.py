@@ -11,7 +11,7 @@ orchestration in ``DIMObjective.forward``) run either implementation:
     with reference_internals():
         out = objective(encoder, batch, generator)   # the old, slow internals
 
-Used by ``tests/test_dim_step_equivalence.py`` (losses and gradients must agree) and by
+Used by ``tests/model/test_dim_step_equivalence.py`` (losses and gradients must agree) and by
 ``benchmarks/bench_encoder.py`` (speed-up, measured side by side).
 
 What is swapped: ``Mish.forward`` (-> ``torch.nn.functional.mish``),
