@@ -14,9 +14,11 @@ Real structures: the perovskite subset in ../shared/data when present (5 unique 
 supercell sites each), else the shipped matbench_jdft2d; N = 50 supercells, batches of about
 1,200 unique sites, the seed's widths.
 
-    python benchmarks/bench_encoder.py [--threads 1] [--activation mish] [--batches 4]
+    python benchmarks/bench_encoder.py [--threads 1] [--activation mish] [--batches 4] [--parts]
 
-The last line reads ``DIM step: <N> crystals/s, <R>x its FLOP floor``.
+``--parts`` also times the parts of the new DIM step (encoder forward, local critic, engineered
+negatives, global critic, backward, optimiser step), to show where the time goes on the
+machine at hand. The last line reads ``DIM step: <N> crystals/s, <R>x its FLOP floor``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from matbench_dim.features.featurize import batch_indices, collate, featurize
+from matbench_dim.model import dim as dim_module
 from matbench_dim.model import fused
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import (
@@ -110,6 +113,60 @@ def count_flops(step: Callable[[object], None], batch: object) -> int:
     return fc.get_total_flops()
 
 
+def print_parts(
+    encoder: SiteNetEncoder,
+    objective: DIMObjective,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    batches: list,
+    repeats: int,
+) -> None:
+    """Median wall time of each part of the new DIM step, in ms per batch."""
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*a: object, **k: object) -> object:
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+
+        return wrapper
+
+    parts = [
+        (encoder, "forward", "encoder forward"),
+        (objective.local_loss, "forward", "local critic forward"),
+        (dim_module, "engineered_false_locals", "engineered negatives (3 no-grad passes)"),
+        (objective.global_loss, "forward", "global critic forward"),
+    ]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in parts]
+    try:
+        for obj, attr, name in parts:
+            setattr(obj, attr, timed(name, getattr(obj, attr)))
+        for _ in range(repeats):
+            for b in batches:
+                t0 = time.perf_counter()
+                out = objective(encoder, b, gen)
+                t1 = time.perf_counter()
+                opt.zero_grad()
+                out["loss"].backward()
+                t2 = time.perf_counter()
+                opt.step()
+                t3 = time.perf_counter()
+                for name, t in (("DIM objective forward (all of the above and the rest)", t1 - t0),
+                                ("backward", t2 - t1), ("AdamW step", t3 - t2), ("whole step", t3 - t0)):  # fmt: skip
+                    times.setdefault(name, []).append(t)
+    finally:
+        for obj, attr, fn in saved:
+            if attr == "forward":
+                del obj.forward  # back to the class's method
+            else:
+                setattr(obj, attr, fn)
+    print(f"\nparts of the DIM step (new; median ms per batch of {repeats * len(batches)}):")
+    for name, ts in times.items():
+        print(f"  {name:55s} {1000 * statistics.median(ts):8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -118,6 +175,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved passes over the batches")
     ap.add_argument("--batch-sites", type=int, default=1200)
     ap.add_argument("--structures", type=int, default=1500)
+    ap.add_argument("--parts", action="store_true", help="time the parts of the DIM step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     configure_allocator()
@@ -213,6 +271,8 @@ def main() -> None:
             f"(the reference's FLOP floor is {flops['reference'] / flops['new']:.2f}x the new one)"
         )
         summary[label] = (n_crystals / t_new, t_new / (flops["new"] / (rate * 1e9)))
+    if args.parts:
+        print_parts(encoder, objective, opt, gen, batches, args.repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak memory (ru_maxrss): {peak:.0f} MiB")
     print(

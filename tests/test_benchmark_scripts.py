@@ -23,6 +23,29 @@ def test_gpu_benchmark_runs_its_cpu_path(tmp_path):
     assert any(re.match(r"supervised fp32 +[\d.]+ crystals/s", line) for line in lines)
 
 
+def test_encoder_benchmark_prints_the_floor_ratio_and_the_parts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_encoder.py"), "--batches", "1", "--repeats", "1",
+         "--structures", "120", "--batch-sites", "300", "--parts"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"DIM step: \d+ crystals/s, [\d.]+x its FLOP floor", lines[-1]), lines
+    assert re.fullmatch(r"supervised step: \d+ crystals/s, [\d.]+x its FLOP floor", lines[-2])
+    for variant in ("reference", "new, default malloc", "new"):
+        assert any(re.match(rf"  {re.escape(variant)} +[\d.]+ crystals/s", ln) for ln in lines)
+    parts = {
+        m.group(1).strip(): float(m.group(2))
+        for ln in lines
+        if (m := re.fullmatch(r"  ([a-zA-Z].*?) +([\d.]+)", ln))
+    }
+    step = parts["whole step"]
+    for name in ("encoder forward", "local critic forward", "backward", "AdamW step"):
+        assert 0 < parts[name] < step, (name, parts)
+    assert any(k.startswith("engineered negatives") for k in parts)
+
+
 def test_readme_tables_are_rewritten_from_the_csv(tmp_path):
     import pandas as pd
 
