@@ -9,8 +9,9 @@ four more; it was about 60 % of a step (``benchmarks/``). Two remedies, both her
 - mish in closed form with a single ``exp``: with ``n = e^x (e^x + 2)``,
   ``tanh(softplus(x)) = n / (n + 2)`` (:func:`mish_reference`, :func:`mish_grad_reference`);
 - :func:`torch.compile` (inductor, C++) fuses a chain of such ops into one loop over memory
-  (:func:`call_compiled`): mish on its own (:func:`mish`), and the larger regions that
-  ``sitenet`` and ``dim`` hand over.
+  (:func:`call_compiled`): mish on its own (:func:`mish`), and the larger regions of
+  :mod:`matbench_dim.model.kernels` that ``sitenet`` and ``dim`` hand over, run over blocks of
+  rows that fit in cache (:func:`row_blocks`).
 
 Compiled kernels are used for large float32 CPU tensors only (at least
 :data:`FUSED_MIN_NUMEL` elements of per-pair work, :data:`MISH_MIN_NUMEL` for mish on its own:
