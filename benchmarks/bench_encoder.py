@@ -162,7 +162,8 @@ def print_parts(
                 del obj.forward  # back to the class's method
             else:
                 setattr(obj, attr, fn)
-    print(f"\nparts of the DIM step (new; median ms per batch of {repeats * len(batches)}):")
+    n_steps = repeats * len(batches)
+    print(f"\nparts of the DIM step (new code; ms per step, median of {n_steps} steps):")
     for name, ts in times.items():
         print(f"  {name:55s} {1000 * statistics.median(ts):8.1f}")
 
