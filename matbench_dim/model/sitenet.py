@@ -356,9 +356,7 @@ class LocalEncoder(nn.Module):
         name = activation_name(act)
         if name is not None and fused.use_fused(raw, raw.numel() * first.out_features):
             args = (raw, first.weight[:, 0], first.bias, norm.weight, norm.bias, norm.eps, name)
-            out = fused.call_compiled("pair_embedding", kernels.pair_embedding, args, {0: (0, 1)})
-            if out is not None:
-                return out
+            return kernels.PairEmbedding.apply(*args)
         x = torch.addcmul(first.bias, raw, first.weight[:, 0])
         for layer in self.pair_embed[1:]:
             x = layer(x)

@@ -159,3 +159,45 @@ def test_row_views_materialise_to_the_reference_rows(batches):
     for new, ref in zip([pos, *negs], [ref_pos, *ref_negs], strict=True):
         torch.testing.assert_close(new.features, ref.features, rtol=0, atol=0)
         torch.testing.assert_close(new.weights, ref.weights, rtol=0, atol=0)
+
+
+def test_compiled_mish_clamps_after_exp_to_the_same_bits():
+    """``min(e^x, e^20)`` (the fast form) gives the mish of ``e^min(x, 20)`` to the bit."""
+    x = torch.cat(
+        [
+            torch.linspace(-200, 200, 400_001),
+            torch.tensor([19.999998, 20.0, 20.000002, 88.7, 89.0, float("inf"), -float("inf")]),
+        ]
+    )
+
+    def clamp_first(v):  # mish, (mish, mish') and grad * mish', as written before
+        e = torch.exp(torch.clamp(v, max=20.0))
+        n = e * (e + 2.0)
+        inv = 1.0 / (n + 2.0)
+        t = n * inv
+        d = t + v * (2.0 * (1.0 + t) * inv) * (e / (1.0 + e))
+        return [v * (n / (n + 2.0)), v * t, d, g * d]
+
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    new = [fused.mish_reference(x), *fused.mish_and_grad(x), fused.mish_grad_reference(x, g)]
+    for a, b in zip(new, clamp_first(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("raw_grad", [False, True])
+def test_pair_embedding_backward_matches_autograd(monkeypatch, raw_grad):
+    from matbench_dim.model import kernels
+
+    monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    gen = torch.Generator().manual_seed(0)
+    raw = (torch.rand(30, 7, 1, generator=gen) * 8).requires_grad_(raw_grad)
+    params = [torch.randn(16, generator=gen).requires_grad_() for _ in range(4)]
+    grad = torch.randn(30, 7, 16, generator=gen)
+    out = kernels.PairEmbedding.apply(raw, *params, 1e-5, "mish")
+    new = torch.autograd.grad(out, [raw, *params] if raw_grad else params, grad)
+    ref_out = kernels.pair_embedding(raw, *params, 1e-5, "mish")
+    ref = torch.autograd.grad(ref_out, [raw, *params] if raw_grad else params, grad)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(new, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not fused._STATE["failed"], "compiled kernels were not used"
