@@ -508,7 +508,8 @@ def engineered_false_locals(
     All three keep the batch's distances in place, so without the Coulomb pair term (which
     depends on the species) they share the pair embedding of the geometry: ``pair_terms``
     (``EncoderOutput.pair_terms`` of the encoder's pass on this batch) when given, otherwise
-    computed once here.
+    computed once here. With an even number of crystals, 1 and 2 are the same corrupted
+    crystals (``b - B/2 = b + B/2`` mod ``B``) paired with different ``G``: one pass serves both.
 
     Returns
     -------
@@ -533,9 +534,14 @@ def engineered_false_locals(
         mu, _ = local(site_rows[src], *geometry, z_rows[src], pair_terms)
         out.append((to_padded(mu, site_mask), site_mask))
         # 2. b's species on r's geometry: rows of crystal c take the species of c - shift,
-        #    and the result is paired with G of crystal c - shift, i.e. b's row of r = b + shift
-        src = rolled_rows(pairs, -shift)
-        mu, _ = local(site_rows[src], *geometry, z_rows[src], pair_terms)
+        #    and the result is paired with G of crystal c - shift, i.e. b's row of r = b + shift.
+        #    With an even number of crystals, c - shift = c + shift (mod B): the same input
+        #    as pass 1, whose local vectors are then reused (the same numbers, one pass fewer;
+        #    not with dropout in training, which would draw its own mask for pass 2)
+        src_back = rolled_rows(pairs, -shift)
+        random = local.training and encoder.cfg.dropout > 0
+        if random or not torch.equal(src_back, src):
+            mu, _ = local(site_rows[src_back], *geometry, z_rows[src_back], pair_terms)
         rolled = (torch.arange(n, device=site_mask.device) + shift) % n
         out.append((to_padded(mu, site_mask)[rolled], site_mask[rolled]))
         # 3. columns shuffled within each crystal's real supercell sites

@@ -201,3 +201,35 @@ def test_pair_embedding_backward_matches_autograd(monkeypatch, raw_grad):
     for a, b in zip(new, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not fused._STATE["failed"], "compiled kernels were not used"
+
+
+@pytest.mark.parametrize("n_crystals", [6, 7])
+def test_engineered_negatives_share_a_pass_only_when_the_batch_is_even(jdft2d_df, n_crystals):
+    """Negatives 1 and 2 are one pass for an even batch, two for an odd one; same numbers."""
+    from matbench_dim.model.dim import engineered_false_locals, roll_shift, rolled_rows
+    from matbench_dim.model.layout import to_padded
+
+    records = featurize(list(jdft2d_df["structure"].iloc[:n_crystals]), progress=False)
+    batch = collate(records, list(range(n_crystals)))
+    cfg = EncoderConfig(site_dim=16, pair_dim=16, attention_hidden=16, local_dim=8)
+    torch.manual_seed(0)
+    encoder = SiteNetEncoder(cfg)
+    pairs = pair_inputs(batch)
+    calls = []
+    real_forward = encoder.local.forward
+    encoder.local.forward = lambda *a, **k: calls.append(1) or real_forward(*a, **k)
+    out = engineered_false_locals(encoder, batch, pairs, torch.Generator().manual_seed(0))
+    assert len(calls) == (2 if n_crystals % 2 == 0 else 3)
+    # negative 2, literally: b's species on the geometry of r = b + shift, paired with G_b
+    mask = batch.prim_mask
+    shift = roll_shift(n_crystals)
+    src = rolled_rows(pairs, -shift)
+    site_rows = to_rows(batch.site_features, mask)
+    z_rows = to_rows(batch.atomic_numbers, mask)
+    with torch.no_grad():
+        mu, _ = real_forward(
+            site_rows[src], pairs.neighbour_index, pairs.distances, pairs.pair_mask, z_rows[src]
+        )
+    rolled = (torch.arange(n_crystals) + shift) % n_crystals
+    torch.testing.assert_close(out[1][0], to_padded(mu, mask)[rolled], rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[1][1], mask[rolled])
