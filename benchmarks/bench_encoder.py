@@ -136,7 +136,7 @@ def print_parts(
     parts = [
         (encoder, "forward", "encoder forward"),
         (objective.local_loss, "forward", "local critic forward"),
-        (dim_module, "engineered_false_locals", "engineered negatives (3 no-grad passes)"),
+        (dim_module, "engineered_false_locals", "engineered negatives (2-3 no-grad passes)"),
         (objective.global_loss, "forward", "global critic forward"),
     ]
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in parts]
