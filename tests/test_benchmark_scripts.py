@@ -46,6 +46,19 @@ def test_encoder_benchmark_prints_the_floor_ratio_and_the_parts(tmp_path):
     assert any(k.startswith("engineered negatives") for k in parts)
 
 
+def test_ab_script_prints_the_paired_ratio_of_a_switch(tmp_path):
+    small = ["--structures", "120", "--batch-sites", "300", "--batches", "2", "--repeats", "1"]
+    for switch in ("shared-negative-pass", "mish-clamp"):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "ab_dim_step.py"), switch, *small],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        last = proc.stdout.strip().splitlines()[-1]
+        pattern = rf"{switch}: old/new [\d.]+x \(paired median, quartiles [\d.]+-[\d.]+\)"
+        assert re.fullmatch(pattern, last), last
+
+
 def test_readme_tables_are_rewritten_from_the_csv(tmp_path):
     import pandas as pd
 
