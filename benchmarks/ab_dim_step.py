@@ -9,9 +9,12 @@ median times and the median and quartiles of the paired ratios (old / new, per b
     python benchmarks/ab_dim_step.py shared-negative-pass     # 3 no-grad passes vs 2 on even batches
     python benchmarks/ab_dim_step.py row-block-bytes --old-bytes 1048576  # vs fused.ROW_BLOCK_BYTES
     python benchmarks/ab_dim_step.py mish-clamp               # kernel only: e^min(x, 20) vs min(e^x, e^20)
+    python benchmarks/ab_dim_step.py mish-grad                # kernel only: mish' with 2 vs 1 division
 
-``mish-clamp`` times the two compiled forms of mish on one ``1200 x 40 x 128`` tensor (a
-compiled graph cannot be switched inside a running process). Data and sizes as in
+``mish-clamp`` times the two compiled forms of mish on one ``1200 x 40 x 128`` tensor, and
+``mish-grad`` the local critic's compiled backward (:func:`kernels.critic_scores_grad`) on a
+``400 x 40 x 64`` block of rows with either form of mish's derivative (a compiled graph cannot
+be switched inside a running process, but two graphs can run side by side). Data and sizes as in
 ``bench_encoder.py``. Last line: ``<switch>: old/new <r>x (paired median, quartiles <a>-<b>)``.
 """
 
@@ -35,7 +38,13 @@ from matbench_dim.runtime import configure_allocator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encoder import load_structures
 
-SWITCHES = ("pair-embedding-backward", "shared-negative-pass", "row-block-bytes", "mish-clamp")
+SWITCHES = (
+    "pair-embedding-backward",
+    "shared-negative-pass",
+    "row-block-bytes",
+    "mish-clamp",
+    "mish-grad",
+)
 
 
 def _quartiles(ratios: list[float]) -> tuple[float, float, float]:
@@ -74,6 +83,41 @@ def mish_clamp(repeats: int) -> None:
     _report("mish-clamp", times["old"], times["new"], "ms per call")
 
 
+def _two_division_mish_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    e = torch.exp(x).clamp(max=fused._EXP_CLAMP)
+    n = e * (e + 2.0)
+    inv = 1.0 / (n + 2.0)
+    t = n * inv
+    return x * t, t + x * (2.0 * (1.0 + t) * inv) * (e / (1.0 + e))
+
+
+def mish_grad(repeats: int) -> None:
+    """The critic's compiled backward with the old and the new form of mish's derivative."""
+    fused.ACTIVATION_GRADS["mish_two_divisions"] = _two_division_mish_grad
+    gen = torch.Generator().manual_seed(0)
+    rows, cols, width = 400, 40, 64
+    args = (
+        torch.randn(1200, width, generator=gen),
+        torch.randint(0, 1200, (rows, cols), generator=gen),
+        torch.rand(rows, cols, generator=gen) * 8,
+        torch.randn(width, generator=gen),
+        torch.randn(rows, width, generator=gen),
+        torch.randn(rows, cols, generator=gen),
+    )
+    kernel = torch.compile(kernels.critic_scores_grad)
+    times: dict[str, list[float]] = {"mish_two_divisions": [], "mish": []}
+    with torch.no_grad():
+        outs = [kernel(*args, name) for name in times]
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for _ in range(repeats * 10):
+            for name in times:
+                t0 = time.perf_counter()
+                kernel(*args, name)
+                times[name].append(time.perf_counter() - t0)
+    _report("mish-grad", times["mish_two_divisions"], times["mish"], "ms per call")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("switch", choices=SWITCHES)
@@ -85,8 +129,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     configure_allocator()
-    if args.switch == "mish-clamp":
-        mish_clamp(args.repeats)
+    if args.switch in ("mish-clamp", "mish-grad"):
+        (mish_clamp if args.switch == "mish-clamp" else mish_grad)(args.repeats)
         return
 
     old = {"on": False}

@@ -48,7 +48,7 @@ def test_encoder_benchmark_prints_the_floor_ratio_and_the_parts(tmp_path):
 
 def test_ab_script_prints_the_paired_ratio_of_a_switch(tmp_path):
     small = ["--structures", "120", "--batch-sites", "300", "--batches", "2", "--repeats", "1"]
-    for switch in ("shared-negative-pass", "mish-clamp"):
+    for switch in ("shared-negative-pass", "mish-clamp", "mish-grad"):
         proc = subprocess.run(
             [sys.executable, str(BENCH / "ab_dim_step.py"), switch, *small],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
