@@ -41,6 +41,31 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "an odd batch reuses negative 1's pass for negative 2 (a different corruption)",
+        "matbench_dim/model/dim.py",
+        "if random or not torch.equal(src_back, src):",
+        "if random:",
+        (
+            "tests/model/test_dim_step_equivalence.py::test_engineered_negatives_share_a_pass_only_when_the_batch_is_even",
+        ),
+    ),
+    Mutant(
+        "the one-division mish derivative loses a factor of 2",
+        "matbench_dim/model/fused.py",
+        "t + 4.0 * x * e * (1.0 + e) * (inv * inv)",
+        "t + 2.0 * x * e * (1.0 + e) * (inv * inv)",
+        ("tests/model/test_dim_step_equivalence.py::test_fast_mish_forms_keep_the_values",),
+    ),
+    Mutant(
+        "the pair embedding's LayerNorm scale gets the bias's gradient",
+        "matbench_dim/model/kernels.py",
+        "return g_h * dh, grad * normed",
+        "return g_h * dh, grad",
+        (
+            "tests/model/test_dim_step_equivalence.py::test_pair_embedding_backward_matches_autograd",
+        ),
+    ),
+    Mutant(
         "dim pretrains on the whole task, test fold included",
         "matbench_dim/bench/methods.py",
         "SiteNetDIMRegressor(**kw).pretrain(X).save_encoder(path)",
@@ -126,7 +151,7 @@ MUTANTS = (
 
 def _copy(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for part in ("matbench_dim", "tests"):
+    for part in ("matbench_dim", "tests", "benchmarks"):  # benchmarks: the frozen reference step
         shutil.copytree(REPO / part, dest / part, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, dest / name)
