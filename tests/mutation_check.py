@@ -43,8 +43,8 @@ MUTANTS = (
     Mutant(
         "an odd batch reuses negative 1's pass for negative 2 (a different corruption)",
         "matbench_dim/model/dim.py",
-        "if random or not torch.equal(src_back, src):",
-        "if random:",
+        "if stochastic or not torch.equal(src_back, src):",
+        "if stochastic:",
         (
             "tests/model/test_dim_step_equivalence.py::test_engineered_negatives_share_a_pass_only_when_the_batch_is_even",
         ),

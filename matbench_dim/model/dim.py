@@ -539,8 +539,8 @@ def engineered_false_locals(
         #    as pass 1, whose local vectors are then reused (the same numbers, one pass fewer;
         #    not with dropout in training, which would draw its own mask for pass 2)
         src_back = rolled_rows(pairs, -shift)
-        random = local.training and encoder.cfg.dropout > 0
-        if random or not torch.equal(src_back, src):
+        stochastic = local.training and encoder.cfg.dropout > 0
+        if stochastic or not torch.equal(src_back, src):
             mu, _ = local(site_rows[src_back], *geometry, z_rows[src_back], pair_terms)
         rolled = (torch.arange(n, device=site_mask.device) + shift) % n
         out.append((to_padded(mu, site_mask)[rolled], site_mask[rolled]))

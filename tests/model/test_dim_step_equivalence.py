@@ -246,3 +246,22 @@ def test_engineered_negatives_share_a_pass_only_when_the_batch_is_even(jdft2d_df
     rolled = (torch.arange(n_crystals) + shift) % n_crystals
     torch.testing.assert_close(out[1][0], to_padded(mu, mask)[rolled], rtol=1e-6, atol=1e-6)
     assert torch.equal(out[1][1], mask[rolled])
+
+
+def test_engineered_negatives_keep_three_passes_with_dropout_in_training(jdft2d_df):
+    """Dropout draws a mask per pass: negative 2 must get its own draw, even batch or not."""
+    from matbench_dim.model.dim import engineered_false_locals
+
+    records = featurize(list(jdft2d_df["structure"].iloc[:6]), progress=False)
+    batch = collate(records, list(range(6)))
+    cfg = EncoderConfig(site_dim=16, pair_dim=16, attention_hidden=16, local_dim=8, dropout=0.1)
+    encoder = SiteNetEncoder(cfg).train()
+    calls = []
+    real_forward = encoder.local.forward
+    encoder.local.forward = lambda *a, **k: calls.append(1) or real_forward(*a, **k)
+    engineered_false_locals(encoder, batch, pair_inputs(batch), torch.Generator().manual_seed(0))
+    assert len(calls) == 3
+    encoder.eval()
+    calls.clear()
+    engineered_false_locals(encoder, batch, pair_inputs(batch), torch.Generator().manual_seed(0))
+    assert len(calls) == 2
