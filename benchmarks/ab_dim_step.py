@@ -29,14 +29,13 @@ from pathlib import Path
 
 import torch
 
-from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model import fused, kernels
 from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
 from matbench_dim.runtime import configure_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encoder import load_structures
+from bench_encoder import bench_batches, load_structures
 
 SWITCHES = (
     "pair-embedding-backward",
@@ -155,10 +154,7 @@ def main() -> None:
         fused.row_blocks = row_blocks  # type: ignore[assignment]
 
     name, structures = load_structures(args.structures)
-    records = featurize(structures, progress=False)
-    groups = batch_indices([r.n_prim for r in records], args.batch_sites, shuffle=True, seed=0)
-    groups = [g for g in groups if len(g) > 1][: args.batches]
-    batches = [collate(records, g) for g in groups]
+    _, groups, batches = bench_batches(structures, args.batch_sites, args.batches)
     print(
         f"data: {name}, {len(batches)} batches of {', '.join(str(len(g)) for g in groups)} "
         f"crystals; switch {args.switch}"

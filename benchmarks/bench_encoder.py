@@ -68,6 +68,15 @@ def load_structures(limit: int) -> tuple[str, list]:
     return "matbench_jdft2d", list(df["structure"].iloc[:limit])
 
 
+def bench_batches(structures: list, batch_sites: int, n_batches: int) -> tuple[list, list, list]:
+    """``(records, groups, batches)``: the first ``n_batches`` shuffled batches of about
+    ``batch_sites`` unique sites (seed 0) with more than one crystal each."""
+    records = featurize(structures, progress=False)
+    groups = batch_indices([r.n_prim for r in records], batch_sites, shuffle=True, seed=0)
+    groups = [g for g in groups if len(g) > 1][:n_batches]
+    return records, groups, [collate(records, g) for g in groups]
+
+
 def matmul_rate(repeats: int = 10) -> float:
     """GFLOP/s of ``(60000, 64) @ (64, 64)`` products (best of ``repeats``)."""
     a, b = torch.randn(60000, 64), torch.randn(64, 64)
@@ -181,10 +190,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     configure_allocator()
     name, structures = load_structures(args.structures)
-    records = featurize(structures, progress=False)
-    groups = batch_indices([r.n_prim for r in records], args.batch_sites, shuffle=True, seed=0)
-    groups = [g for g in groups if len(g) > 1][: args.batches]
-    batches = [collate(records, g) for g in groups]
+    records, groups, batches = bench_batches(structures, args.batch_sites, args.batches)
     n_crystals = sum(len(g) for g in groups)
     n_sites = sum(records[i].n_prim for g in groups for i in g)
     n_pairs = sum(records[i].n_prim * records[i].n_super for g in groups for i in g)
