@@ -4,7 +4,9 @@ For each step (forward, backward, AdamW): crystals/s, MFLOP per crystal (matrix 
 counted by ``torch.utils.flop_counter.FlopCounterMode`` on the eager form of the same
 computation), the achieved GFLOP/s, the rate of a plain ``60000x64 @ 64x64`` product measured
 in the same process between the steps, and the ratio of the step's time to its FLOP floor
-(its FLOPs at that matmul rate). The frozen pre-optimisation implementation
+(its FLOPs at that matmul rate), and the step's activation floor (the fewest activation
+evaluations of its eager form at the measured per-element rate of the compiled activation and
+of ATen's exp, as a multiple of the FLOP floor). The frozen pre-optimisation implementation
 (``reference_dim_step.py``) runs side by side on the same batches, interleaved with the new
 one, so that machine load hits both alike; the speed-up is the ratio of their times. The
 reference runs with glibc's default malloc settings, as before this work; the new code runs
@@ -24,16 +26,18 @@ machine at hand. The last line reads ``DIM step: <N> crystals/s, <R>x its FLOP f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from matbench_dim.features.featurize import batch_indices, collate, featurize
@@ -107,19 +111,97 @@ def _glibc_malloc(tuned: bool) -> None:
         libc.malloc_trim(0)
 
 
-def count_flops(step: Callable[[object], None], batch: object) -> int:
-    """Matrix-product FLOPs of ``step(batch)``, on the eager form (compiled kernels off)."""
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Compiled kernels off (``MATBENCH_DIM_COMPILE=0``) inside, the old setting restored."""
     old = os.environ.get(fused.COMPILE_ENV)
     os.environ[fused.COMPILE_ENV] = "0"
     try:
-        with FlopCounterMode(display=False) as fc:
-            step(batch)
+        yield
     finally:
         if old is None:
             del os.environ[fused.COMPILE_ENV]
         else:
             os.environ[fused.COMPILE_ENV] = old
+
+
+def count_flops(step: Callable[[object], None], batch: object) -> int:
+    """Matrix-product FLOPs of ``step(batch)``, on the eager form (compiled kernels off)."""
+    with _eager(), FlopCounterMode(display=False) as fc:
+        step(batch)
     return fc.get_total_flops()
+
+
+_ACTIVATION_OPS = ("mish", "silu", "exp", "sigmoid")
+
+
+class _ActivationCounter(TorchDispatchMode):
+    """Counts the elements of every mish / silu / exp / sigmoid evaluation (aten level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _ACTIVATION_OPS:
+            self.elements += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def count_activations(forward: Callable[[object], object], batch: object) -> int:
+    """Activation evaluations (elements) in ``forward(batch)``, on its eager form.
+
+    Counts the elements that go through mish, silu, exp or sigmoid in the forward pass only,
+    with compiled kernels off: the eager form evaluates each activation once (the critic's
+    whole-row negative reuses its source rows there), so this is the fewest evaluations the
+    function needs. Backward work (derivatives) is not counted.
+    """
+    with _eager(), torch.no_grad(), _ActivationCounter() as counter:
+        forward(batch)
+    return counter.elements
+
+
+def marginal_ns(fn: Callable[[torch.Tensor], object], repeats: int = 9) -> float:
+    """Marginal ns per element of ``fn`` on cache-resident float32 blocks.
+
+    The difference of the best times for ``2^18`` and ``2^14`` elements (1 MiB and 64 KiB)
+    over the difference in size: the cost of one more element with the per-call overhead
+    taken out.
+    """
+    small, large = torch.randn(1 << 14) * 3, torch.randn(1 << 18) * 3
+
+    def best(x: torch.Tensor, reps: int) -> float:
+        for _ in range(3):
+            fn(x)
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(x)
+            t = min(t, (time.perf_counter() - t0) / reps)
+        return t
+
+    t_small, t_large = best(small, 200), best(large, 20)
+    return max(t_large - t_small, 0.0) / (large.numel() - small.numel()) * 1e9
+
+
+def activation_rates(activation: str) -> tuple[float, float]:
+    """``(ns per element of the compiled activation, ns per element of ATen's exp)``.
+
+    The first is the fastest form of the activation in this code (inductor's single-exp
+    loop, eager where compiling is off); the second is its irreducible part (every mish or
+    silu evaluation takes one exponential), written to a preallocated output.
+    """
+    fn = fused.ACTIVATION_FNS[activation]
+    if fused.compile_mode() != "off":
+        fn = torch.compile(fn, dynamic=False)
+    out = torch.empty(1 << 18)
+    return (
+        statistics.median(marginal_ns(fn) for _ in range(3)),
+        statistics.median(
+            marginal_ns(lambda x: torch.exp(x, out=out[: x.numel()])) for _ in range(3)
+        ),
+    )
 
 
 def print_parts(
@@ -226,8 +308,10 @@ def main() -> None:
 
     variants = ("reference", "new, default malloc", "new")
     summary: dict[str, tuple[float, float]] = {}
+    forwards = {"supervised step": net, "DIM step": lambda b: objective(encoder, b, gen)}
     for label, step in (("supervised step", supervised), ("DIM step", dim_step)):
         flops = {"new": sum(count_flops(step, b) for b in batches)}
+        n_act = sum(count_activations(forwards[label], b) for b in batches)
         with reference_internals():
             flops["reference"] = sum(count_flops(step, b) for b in batches)
         # warm-up: compiles the new kernels (timed), fills the caches
@@ -273,6 +357,16 @@ def main() -> None:
                 f"{t / len(batches):.3f} s/batch  (best pass {n_crystals / min(times[v]):.1f}/s)"
             )
         t_ref, t_new = statistics.median(times["reference"]), statistics.median(times["new"])
+        floor_new = flops["new"] / (rate * 1e9)
+        act_ns, exp_ns = activation_rates(args.activation)
+        act_s, exp_s = n_act * act_ns * 1e-9, n_act * exp_ns * 1e-9
+        print(
+            f"  activation floor: {n_act / n_crystals / 1e3:.1f} k {args.activation} evaluations"
+            f"/crystal (forward, each once) at {act_ns:.2f} ns (compiled, in cache) = "
+            f"{act_s / floor_new:.2f}x the FLOP floor ({exp_s / floor_new:.2f}x at ATen's exp "
+            f"alone, {exp_ns:.2f} ns); the new step is {t_new / (floor_new + act_s):.1f}x "
+            "(FLOP floor + activation floor)"
+        )
         print(
             f"  speed-up over the reference: {t_ref / t_new:.2f}x "
             f"(the reference's FLOP floor is {flops['reference'] / flops['new']:.2f}x the new one)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -40,10 +41,41 @@ def test_encoder_benchmark_prints_the_floor_ratio_and_the_parts(tmp_path):
         for ln in lines
         if (m := re.fullmatch(r"  ([a-zA-Z].*?) +([\d.]+)", ln))
     }
+    act = [ln for ln in lines if ln.startswith("  activation floor: ")]
+    assert len(act) == 2, lines  # the supervised step's and the DIM step's
+    for ln in act:
+        m = re.search(r"([\d.]+) k mish evaluations/crystal .* = ([\d.]+)x the FLOP floor", ln)
+        assert m, ln
+        assert float(m.group(1)) > 0, ln
+        assert float(m.group(2)) > 0, ln
     step = parts["whole step"]
     for name in ("encoder forward", "local critic forward", "backward", "AdamW step"):
         assert 0 < parts[name] < step, (name, parts)
     assert any(k.startswith("engineered negatives") for k in parts)
+
+
+def test_activation_count_takes_the_eager_forward_and_restores_the_compile_mode(monkeypatch):
+    import torch
+    from torch.nn import functional as F
+
+    from matbench_dim.model import fused
+
+    sys.path.insert(0, str(BENCH))
+    import bench_encoder
+
+    seen = []
+
+    def forward(x):
+        seen.append((fused.compile_mode(), torch.is_grad_enabled()))
+        return F.mish(x[:3]).sum() + torch.exp(x[:2, :2]).sum() + F.relu(x).sum()
+
+    monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    assert bench_encoder.count_activations(forward, torch.randn(5, 4)) == 3 * 4 + 2 * 2
+    assert seen == [("off", False)]
+    assert fused.compile_mode() == "always"
+    monkeypatch.delenv(fused.COMPILE_ENV)
+    bench_encoder.count_activations(forward, torch.randn(5, 4))
+    assert fused.COMPILE_ENV not in os.environ
 
 
 def test_ab_script_prints_the_paired_ratio_of_a_switch(tmp_path):
