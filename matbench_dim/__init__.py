@@ -6,8 +6,9 @@ matbench_dim`` stays fast (torch, pymatgen, matbench and MLflow load only when n
 
     from matbench_dim import SiteNetDIMRegressor, load_task, run_grid
 
-- estimators: :class:`SiteNetDIMRegressor`, :class:`DIMEmbedder`, :class:`PretrainedEncoder`
-  (:mod:`matbench_dim.estimator`);
+- estimators: :class:`SiteNetDIMRegressor` (:mod:`matbench_dim.estimator`),
+  :class:`DIMEmbedder` (:mod:`matbench_dim.embedder`), :class:`PretrainedEncoder`
+  (:mod:`matbench_dim.pretrained`);
 - data: :class:`Task`, :func:`task_from_structures` (:mod:`matbench_dim.data.task`),
   :func:`load_task` (:mod:`matbench_dim.data.sources`), :func:`load_cif_dataset`
   (:mod:`matbench_dim.data.cif`);
@@ -34,8 +35,8 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
 
 _EXPORTS: dict[str, str] = {
     "SiteNetDIMRegressor": "matbench_dim.estimator",
-    "DIMEmbedder": "matbench_dim.estimator",
-    "PretrainedEncoder": "matbench_dim.estimator",
+    "DIMEmbedder": "matbench_dim.embedder",
+    "PretrainedEncoder": "matbench_dim.pretrained",
     "SiteNetDIMEnsemble": "matbench_dim.ensemble",
     "Task": "matbench_dim.data.task",
     "load_task": "matbench_dim.data.sources",
@@ -77,8 +78,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first
     from matbench_dim.data.cif import load_cif_dataset
     from matbench_dim.data.sources import load_task
     from matbench_dim.data.task import Task, task_from_dataframe, task_from_structures
+    from matbench_dim.embedder import DIMEmbedder
     from matbench_dim.ensemble import SiteNetDIMEnsemble
-    from matbench_dim.estimator import DIMEmbedder, PretrainedEncoder, SiteNetDIMRegressor
+    from matbench_dim.estimator import SiteNetDIMRegressor
+    from matbench_dim.pretrained import PretrainedEncoder
     from matbench_dim.tracking.tracker import download_encoder, setup_tracking
 
 

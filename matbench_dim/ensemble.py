@@ -25,7 +25,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from matbench_dim.estimator import IncompatibleModelError, SiteNetDIMRegressor
+from matbench_dim.estimator import SiteNetDIMRegressor
+from matbench_dim.pretrained import IncompatibleModelError
 
 logger = logging.getLogger(__name__)
 

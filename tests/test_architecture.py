@@ -30,6 +30,8 @@ RANKS: dict[str, int] = {
     "model": 3,
     "training": 4,
     "estimator": 5,
+    "pretrained": 5,  # the saved encoder; below the estimators in fact, ranked with them
+    "embedder": 5,
     "ensemble": 5,  # wraps the estimator
     "tracking": 6,
     "bench": 7,

@@ -19,13 +19,9 @@ from sklearn.utils.estimator_checks import (
 )
 from tiny_settings import EMBEDDER_TINY, TINY
 
-from matbench_dim.estimator import (
-    GROUPS,
-    DIMEmbedder,
-    IncompatibleModelError,
-    PretrainedEncoder,
-    SiteNetDIMRegressor,
-)
+from matbench_dim.embedder import DIMEmbedder
+from matbench_dim.estimator import GROUPS, SiteNetDIMRegressor
+from matbench_dim.pretrained import IncompatibleModelError, PretrainedEncoder
 from matbench_dim.training.callbacks import Callback
 
 

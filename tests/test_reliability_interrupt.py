@@ -23,11 +23,11 @@ import torch
 from tiny_settings import TINY_PRETRAIN
 
 from matbench_dim.bench import results as res
-from matbench_dim.estimator import PretrainedEncoder
 from matbench_dim.features.featurize import featurize
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig
 from matbench_dim.paths import check_writable
+from matbench_dim.pretrained import PretrainedEncoder
 from matbench_dim.training.callbacks import Callback
 from matbench_dim.training.common import OptimizerConfig
 from matbench_dim.training.pretrain import PretrainConfig, pretrain_dim

@@ -287,7 +287,8 @@ class SiteNetMethod(Method):
 
     def pretrain(self, X: pd.Series, path: Path, random_state: int, task: Task, fold: int) -> None:
         from matbench_dim.bench.subsets import check_disjoint  # the grid's own leak check
-        from matbench_dim.estimator import PretrainedEncoder, SiteNetDIMRegressor
+        from matbench_dim.estimator import SiteNetDIMRegressor
+        from matbench_dim.pretrained import PretrainedEncoder
 
         kw = self._params(SiteNetDIMRegressor, random_state)
         if self.pretrain_label_free:
@@ -319,7 +320,8 @@ class SiteNetMethod(Method):
         from sklearn.ensemble import RandomForestRegressor
         from sklearn.pipeline import Pipeline
 
-        from matbench_dim.estimator import DIMEmbedder, SiteNetDIMRegressor
+        from matbench_dim.embedder import DIMEmbedder
+        from matbench_dim.estimator import SiteNetDIMRegressor
 
         if self.pretrain_key is not None and pretrained is None:
             raise ValueError(f"method {self.name!r} needs its pretrained encoder")

@@ -20,7 +20,9 @@ from tiny_settings import TINY
 from matbench_dim.bench import results as res
 from matbench_dim.bench.grid import run_grid
 from matbench_dim.data.sources import load_task
-from matbench_dim.estimator import DIMEmbedder, PretrainedEncoder, SiteNetDIMRegressor
+from matbench_dim.embedder import DIMEmbedder
+from matbench_dim.estimator import SiteNetDIMRegressor
+from matbench_dim.pretrained import PretrainedEncoder
 from matbench_dim.training.callbacks import Callback
 
 

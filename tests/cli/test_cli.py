@@ -179,7 +179,7 @@ def test_pretrain_resumes_after_interruption_then_run_fine_tunes_its_encoder(
     import torch
 
     from matbench_dim import estimator as est_module
-    from matbench_dim.estimator import PretrainedEncoder
+    from matbench_dim.pretrained import PretrainedEncoder
 
     starts = []
     original_finetune = est_module.finetune
