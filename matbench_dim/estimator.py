@@ -15,7 +15,6 @@ and ``weights.pt`` (a torch ``state_dict``, loaded with ``weights_only=True``): 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import fields
@@ -32,7 +31,7 @@ from matbench_dim.features.featurize import CrystalRecord, FeaturizerConfig, fea
 from matbench_dim.features.inputs import as_structures, as_targets, ids_of
 from matbench_dim.model.dim import DIMConfig
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder, SiteNetRegressorNet
-from matbench_dim.pretrained import FORMAT_VERSION, PretrainedEncoder, read_meta
+from matbench_dim.pretrained import PretrainedEncoder, read_meta, write_folder
 from matbench_dim.runtime import (
     configure_allocator,
     configure_threads,
@@ -480,17 +479,12 @@ class SiteNetDIMRegressor(DIMParamsMixin, RegressorMixin, BaseEstimator):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Save the fitted estimator to a folder (``config.json`` + ``weights.pt``)."""
         check_is_fitted(self, "model_")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model_.state_dict(), path / "weights.pt")
         params = {
             k: v
             for k, v in self.get_params(deep=False).items()
             if k not in ("callbacks", "encoder_init")
         }
         meta = {
-            "format_version": FORMAT_VERSION,
-            "kind": "matbench_dim.SiteNetDIMRegressor",
             "params": params,
             "fitted": {
                 "target_mean": self.target_mean_,
@@ -502,8 +496,9 @@ class SiteNetDIMRegressor(DIMParamsMixin, RegressorMixin, BaseEstimator):
             "history": self.history_,
             "versions": library_versions(),
         }
-        (path / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-        return path
+        return write_folder(
+            path, "matbench_dim.SiteNetDIMRegressor", self.model_.state_dict(), "weights.pt", meta
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SiteNetDIMRegressor:

@@ -57,17 +57,13 @@ class PretrainedEncoder:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the folder; returns its path."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict, path / "encoder.pt")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "kind": "matbench_dim.PretrainedEncoder",
-            "encoder": self.config.to_dict(),
-            "info": self.info,
-        }
-        (path / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-        return path
+        return write_folder(
+            path,
+            "matbench_dim.PretrainedEncoder",
+            self.state_dict,
+            "encoder.pt",
+            {"encoder": self.config.to_dict(), "info": self.info},
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PretrainedEncoder:
@@ -76,6 +72,26 @@ class PretrainedEncoder:
         meta = read_meta(path, "matbench_dim.PretrainedEncoder")
         state = torch.load(path / "encoder.pt", map_location="cpu", weights_only=True)
         return cls(EncoderConfig(**meta["encoder"]), state, meta.get("info", {}))
+
+
+def write_folder(
+    path: str | os.PathLike[str],
+    kind: str,
+    state_dict: dict[str, torch.Tensor],
+    weights_file: str,
+    meta: dict[str, Any],
+) -> Path:
+    """Write a saved folder: ``weights_file`` (the state dict) and ``config.json``.
+
+    ``config.json`` holds ``format_version`` and ``kind`` (what :func:`read_meta` checks),
+    then the entries of ``meta``. Returns the folder's path.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, path / weights_file)
+    full = {"format_version": FORMAT_VERSION, "kind": kind, **meta}
+    (path / "config.json").write_text(json.dumps(full, indent=2, default=str))
+    return path
 
 
 def read_meta(path: Path, kind: str) -> dict[str, Any]:
