@@ -143,7 +143,7 @@ def main() -> None:
 
         kernels.PairEmbedding.apply = staticmethod(apply)  # type: ignore[method-assign]
     elif args.switch == "shared-negative-pass":
-        real_equal = torch.equal  # dim.engineered_false_locals compares the two rolls with it
+        real_equal = torch.equal  # negatives.engineered_false_locals compares the two rolls with it
         torch.equal = lambda a, b: False if old["on"] else real_equal(a, b)  # type: ignore[assignment]
     else:
         real_blocks: Callable[..., list[int]] = fused.row_blocks

@@ -31,16 +31,9 @@ from torch.nn import functional as F
 
 from matbench_dim.model import dim as dim_module
 from matbench_dim.model import sitenet
-from matbench_dim.model.dim import (
-    LocalDIMLoss,
-    LossOutput,
-    PairView,
-    distance_weights,
-    per_crystal_mean_rows,
-    roll_shift,
-    rolled_rows,
-)
+from matbench_dim.model.dim import LocalDIMLoss, LossOutput, per_crystal_mean_rows
 from matbench_dim.model.layout import PairInputs, to_padded, to_rows
+from matbench_dim.model.negatives import PairView, distance_weights, roll_shift, rolled_rows
 from matbench_dim.model.sitenet import AttentionBlock, LocalEncoder
 
 # --------------------------------------------------------------------------- encoder

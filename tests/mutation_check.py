@@ -42,7 +42,7 @@ class Mutant:
 MUTANTS = (
     Mutant(
         "an odd batch reuses negative 1's pass for negative 2 (a different corruption)",
-        "matbench_dim/model/dim.py",
+        "matbench_dim/model/negatives.py",
         "if stochastic or not torch.equal(src_back, src):",
         "if stochastic:",
         (

@@ -7,15 +7,9 @@ import math
 import pytest
 import torch
 
-from matbench_dim.model.dim import (
-    GaussianKL,
-    GlobalDIMLoss,
-    LocalDIMLoss,
-    PairView,
-    distance_weights,
-    rolled_rows,
-)
+from matbench_dim.model.dim import GaussianKL, GlobalDIMLoss, LocalDIMLoss
 from matbench_dim.model.layout import PairInputs
+from matbench_dim.model.negatives import PairView, distance_weights, rolled_rows
 
 
 def softplus(x: float) -> float:

@@ -11,14 +11,8 @@ import torch
 from test_dim_losses import random_views
 
 from matbench_dim.features.featurize import collate, featurize
-from matbench_dim.model.dim import (
-    GLOBAL_FALSE_LOCALS,
-    LOCAL_NEGATIVES,
-    DIMConfig,
-    GlobalDIMLoss,
-    LocalDIMLoss,
-    participation_ratio,
-)
+from matbench_dim.model.dim import DIMConfig, GlobalDIMLoss, LocalDIMLoss, participation_ratio
+from matbench_dim.model.negatives import GLOBAL_FALSE_LOCALS, LOCAL_NEGATIVES
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
 from matbench_dim.tracking.tracker import setup_tracking
 from matbench_dim.training.common import OptimizerConfig, split_train_val

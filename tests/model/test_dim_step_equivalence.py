@@ -22,8 +22,9 @@ import torch
 
 from matbench_dim.features.featurize import batch_indices, collate, featurize
 from matbench_dim.model import fused
-from matbench_dim.model.dim import DIMConfig, DIMObjective, local_views
+from matbench_dim.model.dim import DIMConfig, DIMObjective
 from matbench_dim.model.layout import pair_inputs, to_rows
+from matbench_dim.model.negatives import local_views
 from matbench_dim.model.sitenet import EncoderConfig, SiteNetEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -219,8 +220,8 @@ def test_pair_embedding_backward_matches_autograd(monkeypatch, raw_grad):
 @pytest.mark.parametrize("n_crystals", [6, 7])
 def test_engineered_negatives_share_a_pass_only_when_the_batch_is_even(jdft2d_df, n_crystals):
     """Negatives 1 and 2 are one pass for an even batch, two for an odd one; same numbers."""
-    from matbench_dim.model.dim import engineered_false_locals, roll_shift, rolled_rows
     from matbench_dim.model.layout import to_padded
+    from matbench_dim.model.negatives import engineered_false_locals, roll_shift, rolled_rows
 
     records = featurize(list(jdft2d_df["structure"].iloc[:n_crystals]), progress=False)
     batch = collate(records, list(range(n_crystals)))
@@ -250,7 +251,7 @@ def test_engineered_negatives_share_a_pass_only_when_the_batch_is_even(jdft2d_df
 
 def test_engineered_negatives_keep_three_passes_with_dropout_in_training(jdft2d_df):
     """Dropout draws a mask per pass: negative 2 must get its own draw, even batch or not."""
-    from matbench_dim.model.dim import engineered_false_locals
+    from matbench_dim.model.negatives import engineered_false_locals
 
     records = featurize(list(jdft2d_df["structure"].iloc[:6]), progress=False)
     batch = collate(records, list(range(6)))
