@@ -25,7 +25,7 @@ TINY: dict = {
 """Estimator keywords for :class:`~matbench_dim.estimator.SiteNetDIMRegressor`."""
 
 EMBEDDER_TINY: dict = {k: v for k, v in TINY.items() if not k.startswith("finetune")}
-"""The same for :class:`~matbench_dim.estimator.DIMEmbedder` (no fine-tuning keywords)."""
+"""The same for :class:`~matbench_dim.embedder.DIMEmbedder` (no fine-tuning keywords)."""
 
 TINY_PRETRAIN: dict = {
     **{k: v for k, v in EMBEDDER_TINY.items() if k != "pretrain__epochs"},
