@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -186,3 +189,31 @@ def test_tables_mark_cells_with_fewer_runs():
     text = collect_cells.tables(pd.DataFrame(rows))
     assert "5 runs per cell unless marked" in text
     assert "| dim | 0.300 ± 0.000 | 0.300 ± nan (1 runs) |" in text
+
+
+def _has_avx512() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512f" in cpuinfo.read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_avx512(), reason="the prototype kernel is written for AVX-512")
+@pytest.mark.skipif(shutil.which("ninja") is None, reason="building the kernel needs ninja")
+def test_hand_written_attention_prototype_matches_the_core_and_prints_its_speed(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "proto_fused_attention.py"), "--structures", "120",
+         "--batch-sites", "300", "--rounds", "1", "--repeats", "2"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    errors = {
+        m.group(1): float(m.group(2))
+        for ln in lines
+        if (m := re.match(r"  (\S+) +largest difference from float64 eager: (\S+)", ln))
+    }
+    assert set(errors) == {"hand-written", "compiled", "eager"}, lines
+    assert errors["hand-written"] < 1e-4
+    assert re.fullmatch(
+        r"hand-written attention core \(no grad\): [\d.]+x the compiled one", lines[-1]
+    ), lines
