@@ -4,7 +4,8 @@
 - the MLflow-model block runs against a store made by ``matbench-dim run`` in a temporary
   folder, with ``<run_id>`` replaced by that run's id and ``my.cif`` written there; it leaves
   no stray ``./mlflow.db`` (MLflow's own default store);
-- the library block (a real 20-epoch pretraining) runs as written in the slow set.
+- the library block (a real 20-epoch pretraining) and the matbench fold-loop block (five
+  15-epoch pretrainings) run as written in the slow set.
 """
 
 from __future__ import annotations
@@ -86,11 +87,27 @@ def test_readme_mlflow_model_block_runs_against_a_fresh_run(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_readme_library_block_runs_as_written(tmp_path):
-    code = _block("SiteNetDIMRegressor(")
+    code = _block("est = SiteNetDIMRegressor(")
     done = _run(code + "\nprint(len(pred))\n", tmp_path, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) > 0
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_matbench_fold_loop_block_runs_as_written(tmp_path):
+    """The block that runs the estimator inside matbench's own fold loop (~12 min here)."""
+    code = _block("new_benchmark(")
+    check = (
+        "\nfrom matbench.bench import MatbenchBenchmark\n"
+        "back = MatbenchBenchmark.from_file('results.json.gz')\n"
+        "t = back.tasks_map['matbench_jdft2d']\n"
+        "print(len(t.results), back.is_recorded)\n"
+    )
+    done = _run(code + check, tmp_path, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    n_folds, recorded = done.stdout.split()[-2:]
+    assert (int(n_folds), recorded) == (5, "True")
 
 
 # Commands of the README: `matbench-dim CMD ...` in a code span or a bash block, and the
