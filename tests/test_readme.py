@@ -95,6 +95,7 @@ def test_readme_library_block_runs_as_written(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # five real pretrainings: ~10 min here, past the default 600 s
 def test_readme_matbench_fold_loop_block_runs_as_written(tmp_path):
     """The block that runs the estimator inside matbench's own fold loop (~12 min here)."""
     code = _block("new_benchmark(")
